@@ -1,0 +1,1 @@
+"""Benchmarks: datasets, static-batch latency, serving load generator."""

@@ -1,0 +1,1 @@
+"""Compute kernels: one Triton kernel per file; reference.py holds the plain-torch oracles."""

@@ -1,0 +1,1 @@
+"""Owns the device: KV tensors, input buffers, forward pass and sampler."""

@@ -1,0 +1,1 @@
+"""In-flight batching scheduler: spends the token budget; sees block ids, never tensors."""

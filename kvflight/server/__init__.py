@@ -1,0 +1,1 @@
+"""HTTP APIs and the command line."""

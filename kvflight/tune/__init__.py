@@ -1,0 +1,1 @@
+"""Memory planner, autotuner and topology advisor."""
