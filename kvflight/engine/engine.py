@@ -1,0 +1,168 @@
+"""Engine: validates requests and runs iterations (schedule → execute → update); where sched/ and runner/ meet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+from kvflight.cache.kv_manager import KVCacheManager
+from kvflight.config import ConfigError, EngineConfig
+from kvflight.model.loader import ResolvedModel, load_arch, load_tokenizer, resolve_model
+from kvflight.runner.model_runner import ModelRunner
+from kvflight.sched.scheduler import Scheduler
+from kvflight.types import FinishReason, Request, StepOutput
+
+logger = logging.getLogger("kvflight.engine")
+stats_logger = logging.getLogger("kvflight.iteration")
+
+
+class Engine:
+    """Owns one model replica: the KV pool, the scheduler and the runner. Single-sequence requests only
+    (the front-end expands n > 1)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.resolved: ResolvedModel = resolve_model(config.model.model, config.model.load_format)
+        self.arch = load_arch(self.resolved)
+        self.tokenizer = load_tokenizer(self.resolved, config.model.tokenizer)
+        sched = config.scheduler
+        self.max_seq_len = sched.max_seq_len or self.arch.max_position_embeddings
+        if self.max_seq_len > self.arch.max_position_embeddings:
+            raise ConfigError(f"max_seq_len={self.max_seq_len} exceeds the model's context length "
+                              f"({self.arch.max_position_embeddings}); lower max_seq_len")
+        self.max_input_len = sched.max_input_len or self.max_seq_len - 1
+        if self.max_input_len >= self.max_seq_len:
+            raise ConfigError(f"max_input_len={self.max_input_len} must be < max_seq_len={self.max_seq_len}")
+        if not sched.enable_chunked_context and self.max_input_len > sched.max_num_tokens:
+            raise ConfigError(
+                f"max_input_len={self.max_input_len} > max_num_tokens={sched.max_num_tokens} with "
+                "enable_chunked_context off: such a prompt could never be scheduled; enable chunked context, "
+                "raise max_num_tokens, or lower max_input_len")
+        self.eos_token_ids = self._eos_token_ids()
+        t0 = time.perf_counter()
+        self.runner = ModelRunner(config, self.resolved, self.arch, self.max_seq_len)
+        plan = self.runner.plan_kv_cache()
+        self.runner.allocate_kv_cache(plan)
+        self.plan = plan
+        self.kv = KVCacheManager(plan.num_blocks, config.cache.tokens_per_block, config.cache.enable_kv_cache_reuse)
+        self.scheduler = Scheduler(sched, self.kv, self.max_seq_len)
+        self.iteration = 0
+        logger.info("engine ready in %.1f s: %s, %s on %s, max_seq_len=%d, max_input_len=%d, max_batch_size=%d, "
+                    "max_num_tokens=%d, policy=%s", time.perf_counter() - t0, self.resolved.name,
+                    str(self.runner.dtype).removeprefix("torch."), self.runner.device, self.max_seq_len,
+                    self.max_input_len, sched.max_batch_size, sched.max_num_tokens, sched.batch_scheduler_policy)
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        if self.arch.eos_token_ids:
+            ids.update(self.arch.eos_token_ids)
+        tok = self.tokenizer
+        if tok is not None and tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        return frozenset(ids)
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def validate(self, request: Request) -> None:
+        """Raise ValueError naming the limit a request breaks; resolve its max_tokens."""
+        n_prompt = request.num_prompt_tokens
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty: send at least one token")
+        vocab = self.arch.vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if n_prompt > self.max_input_len:
+            raise ValueError(f"the prompt has {n_prompt} tokens, more than max_input_len={self.max_input_len}; "
+                             "shorten the prompt or raise max_input_len (and max_seq_len)")
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_seq_len - n_prompt
+        elif n_prompt + max_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
+                             f"exceeds max_seq_len={self.max_seq_len}; lower max_tokens to at most "
+                             f"{self.max_seq_len - n_prompt} or raise max_seq_len")
+        request.max_tokens = max_tokens
+        if not request.eos_token_ids:
+            request.eos_token_ids = self.eos_token_ids
+
+    def add_request(self, request: Request) -> None:
+        self.validate(request)
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str], reason: FinishReason = FinishReason.ABORT) -> None:
+        self.scheduler.finish_requests(request_ids, reason)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one iteration ------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out)
+        sampled_rows = [s.request for s in out.scheduled if s.do_sample]
+        self.scheduler.update(out, result.token_ids)
+        outputs = []
+        for i, (req, tok) in enumerate(zip(sampled_rows, result.token_ids)):
+            outputs.append(StepOutput(
+                request_id=req.request_id, new_token_ids=[tok],
+                new_logprobs=[result.logprobs[i]] if result.logprobs and result.logprobs[i] is not None else None,
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                num_cached_tokens=req.num_cached_tokens))
+        self.iteration += 1
+        if self.config.runtime.log_iteration_stats:
+            self._log_stats(out, time.perf_counter() - t0)
+        return outputs
+
+    def iteration_stats(self, latency_s: float | None = None) -> dict[str, Any]:
+        """TensorRT-LLM's per-iteration fields (same names) plus ours."""
+        s = self.scheduler.iteration_stats()
+        kv = self.kv.stats()
+        gpu_bytes = 0
+        if self.runner.device.type == "cuda":
+            import torch
+
+            gpu_bytes = torch.cuda.memory_allocated(self.runner.device)
+        stats: dict[str, Any] = {
+            "Timestamp": time.strftime("%m-%d-%Y %H:%M:%S"),
+            "Iteration Counter": self.iteration,
+            "Active Request Count": s["active_requests"],
+            "Context Requests": s["context_requests"],
+            "Generation Requests": s["generation_requests"],
+            "Scheduled Requests": s["scheduled_requests"],
+            "Waiting Request Count": s["waiting_requests"],
+            "Max Request Count": self.config.scheduler.max_batch_size,
+            "Total Context Tokens": s["total_context_tokens"],
+            "Max KV cache blocks": self.kv.num_blocks,
+            "Free KV cache blocks": self.kv.num_free_blocks,
+            "Used KV cache blocks": self.kv.num_used_blocks,
+            "Tokens per KV cache block": self.kv.tokens_per_block,
+            "Reused KV cache blocks": kv.get("reused_blocks", 0),
+            "Missed KV cache blocks": kv.get("missed_blocks", 0),
+            "Preempted Requests": s.get("num_preemptions", 0),
+            "Runtime GPU Memory Usage": gpu_bytes,
+            "MicroBatch ID": 0,
+        }
+        if latency_s is not None:
+            stats["Iteration Latency (ms)"] = round(latency_s * 1e3, 3)
+        return stats
+
+    def _log_stats(self, out, latency_s: float) -> None:
+        stats_logger.info(json.dumps(self.iteration_stats(latency_s), sort_keys=True))
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.plan.num_blocks * self.config.cache.tokens_per_block
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.config.cache.tokens_per_block)

@@ -1,0 +1,87 @@
+"""The `kvflight` command line: generate (and, as they land, serve / bench / plan / tune)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from kvflight.config import ConfigError, add_cli_args, flat_from_args, load_yaml
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory, .gguf file, dummy preset name, or omitted for SmolLM2-135M-Instruct")
+    p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of settings; flags override it")
+    add_cli_args(p)
+
+
+def _flat_settings(args: argparse.Namespace) -> dict:
+    flat = load_yaml(args.config) if args.config else {}
+    flat.update(flat_from_args(args))
+    if args.model is not None:
+        flat["model"] = args.model
+    return flat
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvflight.engine.llm import LLM
+    from kvflight.types import SamplingParams
+
+    llm = LLM(**_flat_settings(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed_sampling, stop=args.stop or [],
+                            ignore_eos=args.ignore_eos, n=args.n)
+    prompts = args.prompt or ["Hello!"]
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outs = llm.generate(prompts, params)
+    for out in outs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids,
+                              "outputs": [{"index": c.index, "text": c.text, "token_ids": c.token_ids,
+                                           "finish_reason": c.finish_reason} for c in out.outputs],
+                              "metrics": out.metrics}, ensure_ascii=False))
+        else:
+            for c in out.outputs:
+                print(c.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvflight", description="LLM inference engine and server")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--stop", action="append", help="stop string (repeat for several)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--sampling-seed", dest="seed_sampling", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="[kvflight][%(levelname)s] %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"kvflight: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
