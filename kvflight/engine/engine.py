@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -118,13 +117,12 @@ class Engine:
                 num_cached_tokens=req.num_cached_tokens))
         self.iteration += 1
         if self.config.runtime.log_iteration_stats:
-            self._log_stats(out, time.perf_counter() - t0)
+            stats_logger.info(json.dumps(self.iteration_stats(time.perf_counter() - t0), sort_keys=True))
         return outputs
 
     def iteration_stats(self, latency_s: float | None = None) -> dict[str, Any]:
         """TensorRT-LLM's per-iteration fields (same names) plus ours."""
         s = self.scheduler.iteration_stats()
-        kv = self.kv.stats()
         gpu_bytes = 0
         if self.runner.device.type == "cuda":
             import torch
@@ -133,20 +131,23 @@ class Engine:
         stats: dict[str, Any] = {
             "Timestamp": time.strftime("%m-%d-%Y %H:%M:%S"),
             "Iteration Counter": self.iteration,
-            "Active Request Count": s["active_requests"],
-            "Context Requests": s["context_requests"],
-            "Generation Requests": s["generation_requests"],
-            "Scheduled Requests": s["scheduled_requests"],
-            "Waiting Request Count": s["waiting_requests"],
+            "Active Request Count": s["num_active_requests"],
+            "Context Requests": s["num_context_requests"],
+            "Generation Requests": s["num_gen_requests"],
+            "Scheduled Requests": s["num_scheduled_requests"],
+            "Waiting Request Count": s["num_queued_requests"],
             "Max Request Count": self.config.scheduler.max_batch_size,
-            "Total Context Tokens": s["total_context_tokens"],
+            "Total Context Tokens": s["num_ctx_tokens"],
+            "Scheduled Tokens": s["num_scheduled_tokens"],
             "Max KV cache blocks": self.kv.num_blocks,
             "Free KV cache blocks": self.kv.num_free_blocks,
             "Used KV cache blocks": self.kv.num_used_blocks,
             "Tokens per KV cache block": self.kv.tokens_per_block,
-            "Reused KV cache blocks": kv.get("reused_blocks", 0),
-            "Missed KV cache blocks": kv.get("missed_blocks", 0),
-            "Preempted Requests": s.get("num_preemptions", 0),
+            "Reused KV cache blocks": s["reused_blocks"],
+            "Missed KV cache blocks": s["missed_blocks"],
+            "KV cache hit rate": round(s["cache_hit_rate"], 4),
+            "Preempted Requests": s["num_preempted_requests"],
+            "Total Preemptions": s["num_preemptions_total"],
             "Runtime GPU Memory Usage": gpu_bytes,
             "MicroBatch ID": 0,
         }
@@ -154,15 +155,5 @@ class Engine:
             stats["Iteration Latency (ms)"] = round(latency_s * 1e3, 3)
         return stats
 
-    def _log_stats(self, out, latency_s: float) -> None:
-        stats_logger.info(json.dumps(self.iteration_stats(latency_s), sort_keys=True))
-
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.plan.num_blocks * self.config.cache.tokens_per_block
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.config.cache.tokens_per_block)
