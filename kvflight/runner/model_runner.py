@@ -12,30 +12,13 @@ import torch
 from kvflight.config import ConfigError, EngineConfig
 from kvflight.model.arch import ModelArch
 from kvflight.model.attention import AttentionMetadata
-from kvflight.model.loader import ResolvedModel, load_model
+from kvflight.model.loader import ResolvedModel, load_model, resolve_device, resolve_dtype
 from kvflight.runner.sampler import Sampler, to_token_logprobs
 from kvflight.types import SchedulerOutput, TokenLogprobs
 
 logger = logging.getLogger("kvflight.runner")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or check CUDA_VISIBLE_DEVICES")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype={name!r}: must be one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 @dataclass
@@ -98,9 +81,7 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        a = self.arch
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * a.num_layers * self.tokens_per_block * a.num_kv_heads * a.head_dim * elem
+        return self.tokens_per_block * self.arch.kv_bytes_per_token(self.dtype.itemsize)
 
     def plan_kv_cache(self) -> MemoryPlan:
         """Size the KV pool: GPU from profiled free memory, CPU from an explicit budget."""
@@ -150,23 +131,18 @@ class ModelRunner:
         num_seqs = max(1, min(sched.max_batch_size, num_tokens))
         lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         lens = [n for n in lens if n > 0]
-        blocks_per_seq = [math.ceil(n / self.tokens_per_block) for n in lens]
-        kv = self._alloc_kv(sum(blocks_per_seq))
-        tables, nxt = [], 0
-        for nb in blocks_per_seq:
-            tables.append(list(range(nxt, nxt + nb)))
-            nxt += nb
+        tables = [[0] * math.ceil(n / self.tokens_per_block) for n in lens]  # no KV cache: fresh prefills
         torch.cuda.synchronize(self.device)
         base = self._allocated()
         torch.cuda.reset_peak_memory_stats(self.device)
         meta, input_ids, positions, _ = self._build_inputs([0] * len(lens), lens, tables, [True] * len(lens),
                                                            token_ids=[[0] * n for n in lens])
-        hidden = self.model(input_ids, positions, kv, meta)
+        hidden = self.model(input_ids, positions, None, meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
         probs_sorted = torch.sort(torch.softmax(logits, dim=-1), dim=-1)  # ~ the sampler's top-p peak
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
-        del kv, hidden, logits, meta, probs_sorted
+        del hidden, logits, meta, probs_sorted
         torch.cuda.empty_cache()
         return int(peak)
 

@@ -1,0 +1,179 @@
+"""Plain-torch reference ops (KV write, paged attention, RMSNorm, RoPE, SiLU-and-mul): the oracles for every kernel.
+
+Slow and obviously correct. KV cache layout, one tensor per layer:
+    kv_cache [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
+A token's slot is block_id * tokens_per_block + offset_in_block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store each token's K/V at its slot, in place. Tokens with a negative slot (padding) are skipped.
+
+    k, v          [num_tokens, num_kv_heads, head_dim]
+    kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
+    slot_mapping  [num_tokens] int64
+    """
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)}: expected "
+                         "[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]")
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    if k.shape != v.shape or k.shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cache's "
+                         f"[*, {num_kv_heads}, {head_dim}]")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping shape {tuple(slot_mapping.shape)}: expected [{k.shape[0]}]")
+    key_slots = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_blocks * tokens_per_block, Hkv, D] (a view)
+    value_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    key_slots.index_copy_(0, slots, k[valid].to(kv_cache.dtype))
+    value_slots.index_copy_(0, slots, v[valid].to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `seq_len` K and V rows, in position order.
+
+    block_ids [>= ceil(seq_len / tokens_per_block)] -> k, v [seq_len, num_kv_heads, head_dim]
+    """
+    tokens_per_block = kv_cache.shape[2]
+    num_blocks = (seq_len + tokens_per_block - 1) // tokens_per_block
+    ids = block_ids[:num_blocks].long()
+    k = kv_cache[0, ids].reshape(-1, kv_cache.shape[3], kv_cache.shape[4])[:seq_len]
+    v = kv_cache[1, ids].reshape(-1, kv_cache.shape[3], kv_cache.shape[4])[:seq_len]
+    return k, v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of L queries that are the LAST L positions of a context of S keys, in float32.
+
+    q [L, Hq, D], k / v [S, Hkv, D] -> out [L, Hq, D] (q's dtype)
+    """
+    num_queries, num_heads, _ = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    if num_queries > seq_len:
+        raise ValueError(f"{num_queries} queries but only {seq_len} context positions")
+    group = num_heads // num_kv_heads
+    kf = k.float().repeat_interleave(group, dim=1)  # [S, Hq, D]: query head h reads kv head h // group
+    vf = v.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
+    scores = torch.einsum("lhd,shd->hls", q.float(), kf) * scale  # [Hq, L, S]
+    query_pos = torch.arange(seq_len - num_queries, seq_len, device=q.device)  # [L] absolute positions
+    key_pos = torch.arange(seq_len, device=q.device)  # [S]
+    allowed = key_pos[None, :] <= query_pos[:, None]  # [L, S]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # [Hq, L, S] float32
+    out = torch.einsum("hls,shd->lhd", probs, vf)  # [L, Hq, D]
+    return out.to(q.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention over the paged cache for a flat batch of sequences (K/V already written).
+
+    q             [num_tokens, num_heads, head_dim]: sequences' new tokens back to back, in batch order
+    kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
+    block_tables  [num_seqs, max_blocks_per_seq] int32
+    query_lens    num_seqs host ints: new tokens per sequence (sum == num_tokens)
+    seq_lens      num_seqs host ints: context length after this step (cached + new)
+    Query i of a sequence with L new tokens and context S attends to positions 0 .. S - L + i.
+    returns       [num_tokens, num_heads, head_dim] in q's dtype
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if len(query_lens) != len(seq_lens) or len(query_lens) > block_tables.shape[0]:
+        raise ValueError(f"{len(query_lens)} query_lens, {len(seq_lens)} seq_lens and "
+                         f"{block_tables.shape[0]} block-table rows must describe the same sequences")
+    if sum(query_lens) != num_tokens:
+        raise ValueError(f"query_lens sum to {sum(query_lens)} but q has {num_tokens} tokens")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty_like(q)  # [num_tokens, Hq, D]
+    start = 0
+    for i, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        if query_len == 0:
+            continue
+        k, v = gather_kv(kv_cache, block_tables[i], seq_len)  # [S, Hkv, D]
+        out[start:start + query_len] = _attend(q[start:start + query_len], k, v, scale)
+        start += query_len
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: Sequence[int], scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of fresh sequences with no cache (every sequence is all new tokens).
+
+    q [num_tokens, Hq, D], k / v [num_tokens, Hkv, D] -> [num_tokens, Hq, D]
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.empty_like(q)
+    start = 0
+    for query_len in query_lens:
+        end = start + query_len
+        out[start:end] = _attend(q[start:end], k[start:end], v[start:end], scale)
+        start = end
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, statistics in float32 (as HF Llama), optional residual add first.
+
+    x, residual [..., hidden], weight [hidden] -> (out [..., hidden], new_residual [..., hidden])
+    new_residual = x + residual (added in x's dtype) or x itself when residual is None.
+    """
+    if residual is not None:
+        x = x + residual
+    new_residual = x
+    xf = x.float()
+    variance = xf.pow(2).mean(dim=-1, keepdim=True)  # [..., 1]
+    normed = (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+    return weight * normed, new_residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+    head_dim: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style RoPE (rotate the two halves of each head's first rotary_dim dims), out of place, in float32.
+
+    positions      [num_tokens] int64
+    q              [num_tokens, num_heads, head_dim] or flattened [num_tokens, num_heads * head_dim]
+    k              [num_tokens, num_kv_heads, head_dim] or flattened [num_tokens, num_kv_heads * head_dim]
+    cos_sin_cache  [max_position, rotary_dim] float32: cos in the first half, sin in the second
+    head_dim       needed for flattened inputs when rotary_dim < head_dim (default: rotary_dim)
+    returns        q, k rotated, same shapes and dtypes as given
+    """
+    rotary_dim = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # [T, rotary_dim / 2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rotary_dim / 2]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        x3 = x if x.dim() == 3 else x.view(x.shape[0], -1, head_dim or rotary_dim)  # [T, H, D]
+        xf = x3.float()
+        x1, x2 = xf[..., :rotary_dim].chunk(2, dim=-1)  # [T, H, rotary_dim / 2]
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, xf[..., rotary_dim:]], dim=-1)
+        return rotated.to(x.dtype).reshape(x.shape)
+
+    return apply(q), apply(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation: silu(gate) * up. x [..., 2 * intermediate] -> [..., intermediate]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

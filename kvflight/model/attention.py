@@ -1,0 +1,153 @@
+"""Paged attention: AttentionMetadata (what a step's flat batch looks like), the Attention module, its backends."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from kvflight.kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one step's tokens come from and where their K/V go. All sequences' new tokens are flattened
+    back to back (no padding), in the order of query_start_loc.
+
+    slot_mapping     [num_tokens] int64: block_id * tokens_per_block + offset, where each new token's K/V is
+                     written (negative = padding token, not written)
+    query_start_loc  [num_seqs + 1] int32: prefix sums of the new-token counts
+    seq_lens         [num_seqs] int32: context length after this step (cached + new)
+    block_tables     [num_seqs, max_blocks_per_seq] int32: each sequence's blocks in position order (pad: 0)
+    """
+
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]  # host copy: new tokens per sequence
+    seq_lens_cpu: list[int]  # host copy of seq_lens
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
+
+    @property
+    def is_prefill_only(self) -> bool:
+        """Every sequence starts from an empty cache (no earlier context to read)."""
+        return all(q == s for q, s in zip(self.query_lens_cpu, self.seq_lens_cpu))
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_ids: Sequence[Sequence[int]],
+        tokens_per_block: int,
+        device: torch.device | str = "cpu",
+        max_blocks_per_seq: int | None = None,
+    ) -> "AttentionMetadata":
+        """Metadata for sequences whose new tokens are positions seq_len - query_len .. seq_len - 1.
+
+        block_ids[i] is sequence i's whole block table (it must cover seq_lens[i] tokens).
+        """
+        if not len(query_lens) == len(seq_lens) == len(block_ids):
+            raise ValueError(f"query_lens ({len(query_lens)}), seq_lens ({len(seq_lens)}) and block_ids "
+                             f"({len(block_ids)}) must have one entry per sequence")
+        width = max([len(b) for b in block_ids] + [max_blocks_per_seq or 1])
+        slots: list[int] = []
+        for query_len, seq_len, blocks in zip(query_lens, seq_lens, block_ids):
+            if not 0 <= query_len <= seq_len:
+                raise ValueError(f"query_len={query_len} must be in [0, seq_len={seq_len}]")
+            if len(blocks) * tokens_per_block < seq_len:
+                raise ValueError(f"{len(blocks)} blocks of {tokens_per_block} tokens cannot hold {seq_len} tokens")
+            for pos in range(seq_len - query_len, seq_len):
+                slots.append(blocks[pos // tokens_per_block] * tokens_per_block + pos % tokens_per_block)
+        table = torch.zeros((len(block_ids), width), dtype=torch.int32)  # [num_seqs, max_blocks_per_seq]
+        for i, blocks in enumerate(block_ids):
+            table[i, :len(blocks)] = torch.tensor(list(blocks), dtype=torch.int32)
+        starts = [0]
+        for query_len in query_lens:
+            starts.append(starts[-1] + query_len)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+            block_tables=table.to(device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+        )
+
+
+def positions_for(query_lens: Sequence[int], seq_lens: Sequence[int],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Absolute positions of the new tokens of a flat batch -> [num_tokens] int64."""
+    pos: list[int] = []
+    for query_len, seq_len in zip(query_lens, seq_lens):
+        pos.extend(range(seq_len - query_len, seq_len))
+    return torch.tensor(pos, dtype=torch.int64, device=device)
+
+
+# A backend: (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], kv_cache | None, meta, scale) -> out [T, Hq, D]
+AttentionBackendFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", AttentionMetadata, float], torch.Tensor]
+
+
+def _reference_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if kv_cache is None or kv_cache.numel() == 0:
+        # no cache (e.g. a memory-profiling forward): only valid when no sequence has earlier context
+        if not meta.is_prefill_only:
+            raise ValueError("attention without a KV cache only works when every sequence is a fresh prefill "
+                             "(query_lens == seq_lens)")
+        return reference.prefill_attention(q, k, v, meta.query_lens_cpu, scale)
+    reference.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    return reference.paged_attention(q, kv_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, scale)
+
+
+_BACKENDS: dict[str, AttentionBackendFn] = {"reference": _reference_backend}
+
+
+def register_attention_backend(name: str, fn: AttentionBackendFn) -> None:
+    """Make `name` selectable as Attention(backend=name) (Triton backends register themselves here)."""
+    _BACKENDS[name] = fn
+
+
+def attention_backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+class Attention(nn.Module):
+    """Writes the step's K/V into this layer's paged cache, then causal attention over each sequence's context.
+
+    GQA / MQA / MHA: query head h reads KV head h // (num_heads // num_kv_heads). Softmax scale 1/sqrt(head_dim).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None,
+                 backend: str = "reference") -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        self.backend = backend
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown attention backend '{backend}'; available: {', '.join(_BACKENDS)}")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k / v [T, Hkv, D], kv_cache [2, num_blocks, tokens_per_block, Hkv, D] -> [T, Hq, D]."""
+        return _BACKENDS[self.backend](q, k, v, kv_cache, meta, self.scale)
