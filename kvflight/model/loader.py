@@ -274,16 +274,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") 
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ModelLoadError(f"device={device!r}: supported: auto, cpu, cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
-    return torch.device(device)
+    """'auto' -> cuda when available, else cpu. A cuda device always comes back with its index."""
+    if not isinstance(device, torch.device):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            raise ModelLoadError(f"device={device!r}: supported: auto, cpu, cuda")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
+        device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtype = "auto",

@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", dest="seed_sampling", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
+
+    from kvflight.bench.dataset import add_dataset_args, run_dataset
+    from kvflight.bench.latency import add_latency_args, run_latency
+    from kvflight.bench.serve import add_serve_args, run_serve
+
+    bench = sub.add_parser("bench", help="benchmarks: dataset, latency (static batch), serve (in-flight load)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, add, run, text in (
+            ("dataset", add_dataset_args, run_dataset, "write a benchmark dataset (TensorRT-LLM formats)"),
+            ("latency", add_latency_args, run_latency, "static-batch latency, in-process"),
+            ("serve", add_serve_args, run_serve, "serving load against the engine or any OpenAI/Triton endpoint")):
+        p = bench_sub.add_parser(name, help=text)
+        add(p)
+        p.set_defaults(func=run)
     return parser
 
 
