@@ -339,7 +339,11 @@ class OpenAICompletionsBackend(HttpBackend):
 
     def body(self, req: BenchRequest) -> dict[str, Any]:
         prompt: str | list[int] = req.prompt if req.prompt is not None else list(req.input_ids or [])
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": req.output_tokens,
+        return self._streamed_body(req, {"prompt": prompt})
+
+    def _streamed_body(self, req: BenchRequest, payload: dict[str, Any]) -> dict[str, Any]:
+        """The fields every OpenAI-style request shares, around the prompt / messages payload."""
+        body: dict[str, Any] = {"model": self.model, **payload, "max_tokens": req.output_tokens,
                                 "temperature": self.settings.temperature, "stream": True,
                                 "stream_options": {"include_usage": True}}
         if self.settings.ignore_eos:
@@ -373,13 +377,7 @@ class OpenAIChatBackend(OpenAICompletionsBackend):
         if req.prompt is None:
             raise RequestFailed("no text prompt", f"task_id={req.task_id} has token ids only; the chat API needs "
                                 "text (pass a tokenizer so ids can be decoded)")
-        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": req.prompt}],
-                                "max_tokens": req.output_tokens, "temperature": self.settings.temperature,
-                                "stream": True, "stream_options": {"include_usage": True}}
-        if self.settings.ignore_eos:
-            body["ignore_eos"] = True
-        body.update(self.settings.extra_body)
-        return body
+        return self._streamed_body(req, {"messages": [{"role": "user", "content": req.prompt}]})
 
     @staticmethod
     def chunk_text(choice: dict[str, Any]) -> str:
