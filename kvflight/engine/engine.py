@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,6 +17,15 @@ from kvflight.types import FinishReason, Request, StepOutput
 
 logger = logging.getLogger("kvflight.engine")
 stats_logger = logging.getLogger("kvflight.iteration")
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Engine:
@@ -149,6 +159,7 @@ class Engine:
             "Preempted Requests": s["num_preempted_requests"],
             "Total Preemptions": s["num_preemptions_total"],
             "Runtime GPU Memory Usage": gpu_bytes,
+            "Runtime CPU Memory Usage": _rss_bytes(),
             "MicroBatch ID": 0,
         }
         if latency_s is not None:

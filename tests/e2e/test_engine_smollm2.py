@@ -144,10 +144,11 @@ def test_iteration_stats_lines(smollm2_path, caplog):
     for key in ("Timestamp", "Iteration Counter", "Active Request Count", "Context Requests",
                 "Generation Requests", "Scheduled Requests", "Total Context Tokens", "Max KV cache blocks",
                 "Free KV cache blocks", "Used KV cache blocks", "Tokens per KV cache block",
-                "Reused KV cache blocks", "Runtime GPU Memory Usage", "Iteration Latency (ms)"):
+                "Reused KV cache blocks", "Runtime GPU Memory Usage", "Runtime CPU Memory Usage",
+                "Iteration Latency (ms)"):
         assert key in lines[0], key
     assert [ln["Iteration Counter"] for ln in lines] == list(range(1, len(lines) + 1))
     assert all(ln["Total Context Tokens"] <= 64 for ln in lines)  # chunked at max_num_tokens
-    assert lines[0]["Context Requests"] >= 1
+    assert lines[0]["Context Requests"] >= 1 and lines[0]["Runtime CPU Memory Usage"] > 100 << 20
     assert lines[-1]["Generation Requests"] >= 1
     assert all(ln["Used KV cache blocks"] + ln["Free KV cache blocks"] == ln["Max KV cache blocks"] for ln in lines)
