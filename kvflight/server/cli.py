@@ -50,6 +50,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvflight.server.serve import run_serve
+
+    return run_serve(args, _flat_settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvflight", description="LLM inference engine and server")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -68,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", dest="seed_sampling", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
+
+    from kvflight.server.serve import add_serve_args as add_server_args
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible (and Triton-style) HTTP server")
+    _add_model_args(srv)
+    add_server_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
     from kvflight.bench.dataset import add_dataset_args, run_dataset
     from kvflight.bench.latency import add_latency_args, run_latency
