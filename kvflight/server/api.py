@@ -204,6 +204,20 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _JsonBody:
+    """Pure ASGI middleware: every POST body is JSON, whatever Content-Type the client sent (`curl -d '{...}'`
+    sends form-urlencoded, as Triton's own examples do)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers") or () if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 # ---- the app --------------------------------------------------------------------------------------------------
 def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
     state = _State(client, settings, metrics)
@@ -236,7 +250,7 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         got = first.get("input")
-        got_text = "" if got is None or isinstance(got, dict) else f" (got {json.dumps(got)[:100]})"
+        got_text = "" if got is None or isinstance(got, dict) else f" (got {json.dumps(got, default=str)[:100]})"
         where = f"{param}: " if param else "request body: "
         return ApiError(400, f"{where}{first.get('msg', 'invalid value')}{got_text}", param=param,
                         code=first.get("type")).response()
@@ -250,6 +264,7 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
     async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
+    app.add_middleware(_JsonBody)
     if settings.api_key:
         app.add_middleware(_BearerAuth, api_key=settings.api_key)
 

@@ -204,6 +204,10 @@ def test_v2_generate_and_stream(server: Server) -> None:
                 assert "error" not in event, event
                 pieces.append(event["text_output"])
     assert "".join(pieces) == out["text_output"]
+    # as Triton's examples send it: `curl -d '{...}'`, form-urlencoded content type
+    r = httpx.post(f"{server.url}/v2/models/ensemble/generate", content=json.dumps(body).encode(),
+                   headers={"content-type": "application/x-www-form-urlencoded"}, timeout=120)
+    assert r.status_code == 200 and r.json()["text_output"] == out["text_output"], r.text
     r = httpx.post(f"{server.url}/v2/models/nope/generate", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "model_name"
 
