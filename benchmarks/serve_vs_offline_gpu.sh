@@ -6,7 +6,7 @@ set -u
 DATASET=${DATASET:-.gpuassets/ds_256_64.jsonl}
 PORT=${PORT:-8011}
 kvflight() { python3 -m kvflight.server.cli "$@"; }
-kvflight serve "$@" --port $PORT --no-enable-kv-cache-reuse > /tmp/serve.log 2>&1 &
+python3 -m kvflight.server.cli serve "$@" --port $PORT --no-enable-kv-cache-reuse > /tmp/serve.log 2>&1 &
 SERVER=$!
 python3 - "$PORT" <<'PY'
 import sys, time, urllib.request
