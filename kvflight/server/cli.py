@@ -1,4 +1,4 @@
-"""The `kvflight` command line: generate (and, as they land, serve / bench / plan / tune)."""
+"""The `kvflight` command line: generate, serve, bench (plan / tune as they land)."""
 
 from __future__ import annotations
 
