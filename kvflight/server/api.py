@@ -377,26 +377,26 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": name,
                              "choices": choices, "usage": _usage(n_prompt, n_completion, n_cached)})
 
-    async def _stream_completion(body: CompletionRequest, encoded: tuple[str | None, list[int]],
-                                 params: SamplingParams, rid: str, created: int) -> AsyncIterator[str]:
-        text, ids = encoded
+    async def _stream_openai(obj: str, body: CompletionRequest | ChatCompletionRequest, text: str | None,
+                             ids: list[int], params: SamplingParams, rid: str, created: int,
+                             first_choices: list[dict[str, Any]],
+                             make_choice: Callable[[Any, str, Any], dict[str, Any]]) -> AsyncIterator[str]:
+        """SSE chunks of one streamed OpenAI request (completions or chat): `make_choice(completion, delta,
+        logprobs)` shapes each choice; errors become an error event; usage and [DONE] close the stream."""
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            c: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": name,
-                                 "choices": choices}
+            c: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": name, "choices": choices}
             if include_usage:
                 c["usage"] = None
             return c
 
         with state.admit(check=False):
+            if first_choices:
+                yield _sse(chunk(first_choices))
             sent_text = [""] * params.n
             sent_lps = [0] * params.n
             done = [False] * params.n
-            offsets = [0] * params.n
-            if body.echo and text:
-                yield _sse(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}
-                                  for i in range(params.n)]))
             last: RequestOutput | None = None
             try:
                 async for out in outputs(text, ids, params, rid):
@@ -407,11 +407,7 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
                         if choice is None:
                             continue
                         delta, lps = choice
-                        lp_obj = None
-                        if lps is not None:
-                            lp_obj = _completion_logprobs(lps, tok_text, offsets[c.index])
-                            offsets[c.index] += sum(len(s) for s in lp_obj["tokens"])
-                        choices.append({"index": c.index, "text": delta, "logprobs": lp_obj,
+                        choices.append({**make_choice(c, delta, lps),
                                         "finish_reason": c.finish_reason if done[c.index] else None})
                     if choices:
                         yield _sse(chunk(choices))
@@ -421,10 +417,26 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
                 e = _engine_error(exc)
                 yield _sse(error_body(e.message, e.type, e.param, e.code))
             if include_usage and last is not None:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [],
+                yield _sse({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
                             "usage": _usage(len(ids), sum(len(c.token_ids) for c in last.outputs),
                                             last.num_cached_tokens)})
             yield "data: [DONE]\n\n"
+
+    def _stream_completion(body: CompletionRequest, encoded: tuple[str | None, list[int]],
+                           params: SamplingParams, rid: str, created: int) -> AsyncIterator[str]:
+        text, ids = encoded
+        offsets = [0] * params.n  # text offset of each choice's next logprob token
+
+        def make_choice(c: Any, delta: str, lps: Any) -> dict[str, Any]:
+            lp_obj = None
+            if lps is not None:
+                lp_obj = _completion_logprobs(lps, tok_text, offsets[c.index])
+                offsets[c.index] += sum(len(s) for s in lp_obj["tokens"])
+            return {"index": c.index, "text": delta, "logprobs": lp_obj}
+
+        echo = [{"index": i, "text": text, "logprobs": None, "finish_reason": None}
+                for i in range(params.n)] if body.echo and text else []
+        return _stream_openai("text_completion", body, text, ids, params, rid, created, echo, make_choice)
 
     # ---- /v1/chat/completions -----------------------------------------------------------------------------
     def chat_prompt(body: ChatCompletionRequest) -> tuple[str, list[int]]:
@@ -471,48 +483,15 @@ def build_app(client: AsyncEngineClient, settings: ServerSettings, metrics: Serv
                              "choices": choices, "usage": _usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
                                                                  out.num_cached_tokens)})
 
-    async def _stream_chat(body: ChatCompletionRequest, text: str, ids: list[int], params: SamplingParams,
-                           rid: str, created: int) -> AsyncIterator[str]:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    def _stream_chat(body: ChatCompletionRequest, text: str, ids: list[int], params: SamplingParams,
+                     rid: str, created: int) -> AsyncIterator[str]:
+        def make_choice(c: Any, delta: str, lps: Any) -> dict[str, Any]:
+            return {"index": c.index, "delta": {"content": delta} if delta else {},
+                    "logprobs": _chat_logprobs(lps, tok_text) if lps is not None else None}
 
-        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            c: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                                 "choices": choices}
-            if include_usage:
-                c["usage"] = None
-            return c
-
-        with state.admit(check=False):
-            yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None} for i in range(params.n)]))
-            sent_text = [""] * params.n
-            sent_lps = [0] * params.n
-            done = [False] * params.n
-            last: RequestOutput | None = None
-            try:
-                async for out in outputs(text, ids, params, rid):
-                    last = out
-                    choices = []
-                    for c in out.outputs:
-                        choice = _delta(c, sent_text, sent_lps, done)
-                        if choice is None:
-                            continue
-                        delta, lps = choice
-                        choices.append({"index": c.index, "delta": {"content": delta} if delta else {},
-                                        "logprobs": _chat_logprobs(lps, tok_text) if lps is not None else None,
-                                        "finish_reason": c.finish_reason if done[c.index] else None})
-                    if choices:
-                        yield _sse(chunk(choices))
-            except ApiError as exc:
-                yield _sse(error_body(exc.message, exc.type, exc.param, exc.code))
-            except (EngineDeadError, RequestRejected) as exc:
-                e = _engine_error(exc)
-                yield _sse(error_body(e.message, e.type, e.param, e.code))
-            if include_usage and last is not None:
-                yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                            "choices": [], "usage": _usage(len(ids), sum(len(c.token_ids) for c in last.outputs),
-                                                           last.num_cached_tokens)})
-            yield "data: [DONE]\n\n"
+        role = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(params.n)]
+        return _stream_openai("chat.completion.chunk", body, text, ids, params, rid, created, role, make_choice)
 
     # ---- Triton-style /v2 ---------------------------------------------------------------------------------
     def triton_model(model_name: str) -> None:
