@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
 
@@ -441,6 +441,7 @@ class EngineBackend(Backend):
         self._ids = 0
         self.temperature = 0.0
         self.ignore_eos = True
+        self.steps_in_caller = False  # True: run_in_this_thread() steps the engine, start() spawns no thread
 
     @classmethod
     def from_settings(cls, flat: dict[str, Any]) -> "EngineBackend":
@@ -450,6 +451,8 @@ class EngineBackend(Backend):
         return cls(Engine(EngineConfig.from_flat(flat)))
 
     async def start(self) -> None:
+        if self.steps_in_caller:
+            return
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="kvflight-bench-engine", daemon=True)
@@ -540,10 +543,40 @@ class EngineBackend(Backend):
                     resolve(so.request_id, None)
 
     async def aclose(self) -> None:
-        if self._thread is not None:
+        if self.steps_in_caller:
+            self._stop.set()  # run_in_this_thread() returns once the loop sees it
+        elif self._thread is not None:
             self._stop.set()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    def run_in_this_thread(self, work: Callable[[], Any]) -> Any:
+        """Step the engine in the calling (main) thread while `work` (the asyncio load generator) runs in a
+        helper thread; returns what `work` returns. Torch's CPU ops run several times slower from a non-main
+        thread (its OpenMP pool spins in the main thread), which made the engine backend slower than the server.
+        """
+        self.steps_in_caller = True
+        self._stop.clear()
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                result["error"] = exc
+            finally:
+                self._stop.set()
+
+        worker = threading.Thread(target=target, name="kvflight-bench-load", daemon=True)
+        worker.start()
+        try:
+            self._loop()
+        finally:
+            self._stop.set()
+            worker.join()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
 
 def make_backend(settings: ServeSettings, engine_settings: dict[str, Any] | None = None) -> Backend:
@@ -937,7 +970,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print("error: the dataset is empty", file=sys.stderr)
         return 2
     try:
-        reports, records = asyncio.run(benchmark(backend, requests, settings, tok.value if tok.loaded else None))
+        def run() -> tuple[list[BenchReport], list[list[RequestRecord]]]:
+            return asyncio.run(benchmark(backend, requests, settings, tok.value if tok.loaded else None))
+
+        reports, records = backend.run_in_this_thread(run) if isinstance(backend, EngineBackend) else run()
     except ValueError as exc:  # setup problems found in start() (e.g. no --model)
         print(f"error: {exc}", file=sys.stderr)
         return 2
