@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -393,9 +392,10 @@ class TritonBackend(HttpBackend):
     needs_done = False
 
     async def start(self) -> None:
-        if self.settings.model is None:
-            raise ValueError("the triton backend needs --model NAME: it is part of the URL "
-                             "/v2/models/{model}/generate_stream")
+        if self.model is None:
+            # tensorrtllm_backend's model repository serves the whole pipeline as "ensemble" (so does kvflight)
+            logger.info("triton backend: no --model given, using 'ensemble' (/v2/models/ensemble/generate_stream)")
+            self.model = "ensemble"
         await super().start()
 
     def body(self, req: BenchRequest) -> dict[str, Any]:
@@ -783,7 +783,7 @@ def record_to_dict(rec: RequestRecord) -> dict[str, Any]:
 def write_result_json(path: str, reports: Sequence[BenchReport], settings: ServeSettings, num_requests: int,
                       records: Sequence[Sequence[RequestRecord]] | None = None) -> None:
     """Every rate's report (and, with `records`, every request's numbers) in one JSON file."""
-    cfg = dataclasses.asdict(settings)
+    cfg = asdict(settings)
     cfg.pop("api_key", None)
     cfg["slo"] = settings.slo.to_dict() if settings.slo else None
     runs = []

@@ -481,3 +481,22 @@ def test_bad_config_exits_2_with_message() -> None:
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 2, res.stderr
     assert "max_seq_len=100000" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---- the serving benchmark against this server ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["openai-completions", "openai-chat", "triton"])
+def test_bench_serve_against_kvflight(server: Server, backend: str, tmp_path) -> None:
+    """`kvflight bench serve` as a user runs it, against the real server: every request completes and the
+    report's token counts are the exact ones the server reported."""
+    result = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "kvflight.server.cli", "bench", "serve", "--backend", backend,
+           "--base-url", server.url, "--num-requests", "6", "--input-len", "24", "--output-len", "6",
+           "--request-rate", "inf",
+           "--max-concurrency", "3", "--disable-progress", "--result-json", str(result)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads(result.read_text())["runs"][0]
+    assert (run["backend"], run["completed"], run["failed"]) == (backend, 6, 0), run
+    assert run["total_output_tokens"] == 6 * 6  # ignore_eos: every request produced exactly --output-len tokens
+    assert run["mean_ttft_ms"] > 0 and run["mean_tpot_ms"] > 0 and run["p99_e2e_ms"] >= run["p99_ttft_ms"]
+    assert "Successful requests:" in res.stdout
