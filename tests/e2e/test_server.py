@@ -492,7 +492,8 @@ def test_bench_serve_against_kvflight(server: Server, backend: str, tmp_path) ->
     cmd = [sys.executable, "-m", "kvflight.server.cli", "bench", "serve", "--backend", backend,
            "--base-url", server.url, "--num-requests", "6", "--input-len", "24", "--output-len", "6",
            "--request-rate", "inf",
-           "--max-concurrency", "3", "--disable-progress", "--result-json", str(result)]
+           "--max-concurrency", "3", "--disable-progress", "--result-json", str(result),
+           "--plot", str(tmp_path / "plot.png")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads(result.read_text())["runs"][0]
@@ -500,3 +501,4 @@ def test_bench_serve_against_kvflight(server: Server, backend: str, tmp_path) ->
     assert run["total_output_tokens"] == 6 * 6  # ignore_eos: every request produced exactly --output-len tokens
     assert run["mean_ttft_ms"] > 0 and run["mean_tpot_ms"] > 0 and run["p99_e2e_ms"] >= run["p99_ttft_ms"]
     assert "Successful requests:" in res.stdout
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
