@@ -133,7 +133,7 @@ def make_app() -> FastAPI:
     @app.post("/v2/models/{name}/generate_stream")
     async def triton(name: str, request: Request) -> Any:
         body = await request.json()
-        STATS.bodies.append(body)
+        STATS.bodies.append({**body, "_model_in_path": name})
         mode = _mode(body["text_input"])
         if mode == "fail500":
             return JSONResponse({"error": "fake failure"}, status_code=500)
@@ -239,8 +239,10 @@ def test_triton_generate_stream(server_url: str) -> None:
     assert all(r.output_tokens == 3 and r.output_text == " x0 x1 x2" for r in ok)  # one token per chunk
     assert report.ttft_ms.median > report.itl_ms.median >= ITL_S * 1e3 * 0.8
     assert "normal 1" in {b["text_input"] for b in STATS.bodies} and all(b["stream"] is True for b in STATS.bodies)
-    with pytest.raises(ValueError, match="--model"):
-        _run(ServeSettings(backend="triton", base_url=server_url, progress=False), reqs[:1])
+    # no --model: tensorrtllm_backend's pipeline name, as in the tuning guide's examples
+    STATS.reset()
+    (report,), _ = _run(ServeSettings(backend="triton", base_url=server_url, progress=False), reqs[:1])
+    assert report.num_completed == 1 and STATS.bodies[0]["_model_in_path"] == "ensemble"
 
 
 def test_max_concurrency_caps_in_flight(server_url: str) -> None:

@@ -1,0 +1,69 @@
+"""Triton paged KV-cache write (one program per token, negative slots skipped): a drop-in for reference.write_kv_cache."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,  # [T, Hkv, D]
+    v_ptr,  # [T, Hkv, D]
+    cache_ptr,  # [2, num_blocks, tokens_per_block, Hkv, D]
+    slot_ptr,  # [T] int
+    k_stride_t, k_stride_h, k_stride_d,
+    v_stride_t, v_stride_h, v_stride_d,
+    c_stride_kv, c_stride_block, c_stride_off, c_stride_h, c_stride_d,
+    tokens_per_block,
+    num_kv_heads,
+    head_dim,
+    HEAD_BLOCK: tl.constexpr,
+    DIM_BLOCK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)  # one program per token: all its KV heads
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    heads_to_write = tl.where(slot >= 0, num_kv_heads, 0)  # padding tokens (slot < 0) write nothing
+    safe_slot = tl.maximum(slot, 0)
+    block = safe_slot // tokens_per_block
+    offset = safe_slot % tokens_per_block
+    heads = tl.arange(0, HEAD_BLOCK)[:, None]  # [HEAD_BLOCK, 1]
+    dims = tl.arange(0, DIM_BLOCK)[None, :]  # [1, DIM_BLOCK]
+    mask = (heads < heads_to_write) & (dims < head_dim)  # [HEAD_BLOCK, DIM_BLOCK]
+    key = tl.load(k_ptr + token * k_stride_t + heads * k_stride_h + dims * k_stride_d, mask=mask)
+    value = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + dims * v_stride_d, mask=mask)
+    dst = cache_ptr + block * c_stride_block + offset * c_stride_off + heads * c_stride_h + dims * c_stride_d
+    tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + c_stride_kv, value.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store each token's K/V at its slot, in place; tokens with a negative slot are skipped.
+
+    k, v          [num_tokens, num_kv_heads, head_dim]
+    kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
+    slot_mapping  [num_tokens] int64 (or int32); slot = block_id * tokens_per_block + offset_in_block
+    """
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)}: expected "
+                         "[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]")
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    if k.shape != v.shape or k.shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cache's "
+                         f"[*, {num_kv_heads}, {head_dim}]")
+    if slot_mapping.shape != (k.shape[0],):
+        raise ValueError(f"slot_mapping shape {tuple(slot_mapping.shape)}: expected [{k.shape[0]}]")
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        k, v, kv_cache, slot_mapping,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+        kv_cache.shape[2], num_kv_heads, head_dim,
+        HEAD_BLOCK=triton.next_power_of_2(num_kv_heads),
+        DIM_BLOCK=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )
