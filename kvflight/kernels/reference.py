@@ -14,13 +14,9 @@ import torch
 import torch.nn.functional as F
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store each token's K/V at its slot, in place. Tokens with a negative slot (padding) are skipped.
-
-    k, v          [num_tokens, num_kv_heads, head_dim]
-    kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
-    slot_mapping  [num_tokens] int64
-    """
+def check_kv_write_shapes(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> tuple[int, int]:
+    """Validate a K/V cache write (shared by every write_kv_cache backend); returns (num_kv_heads, head_dim)."""
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)}: expected "
                          "[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]")
@@ -30,6 +26,17 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
                          f"[*, {num_kv_heads}, {head_dim}]")
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping shape {tuple(slot_mapping.shape)}: expected [{k.shape[0]}]")
+    return num_kv_heads, head_dim
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store each token's K/V at its slot, in place. Tokens with a negative slot (padding) are skipped.
+
+    k, v          [num_tokens, num_kv_heads, head_dim]
+    kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
+    slot_mapping  [num_tokens] int64
+    """
+    num_kv_heads, head_dim = check_kv_write_shapes(k, v, kv_cache, slot_mapping)
     key_slots = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_blocks * tokens_per_block, Hkv, D] (a view)
     value_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
     valid = slot_mapping >= 0

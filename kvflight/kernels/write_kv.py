@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflight.kernels.reference import check_kv_write_shapes
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -45,15 +47,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
     slot_mapping  [num_tokens] int64 (or int32); slot = block_id * tokens_per_block + offset_in_block
     """
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)}: expected "
-                         "[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]")
-    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
-    if k.shape != v.shape or k.shape[1:] != (num_kv_heads, head_dim):
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cache's "
-                         f"[*, {num_kv_heads}, {head_dim}]")
-    if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping shape {tuple(slot_mapping.shape)}: expected [{k.shape[0]}]")
+    num_kv_heads, head_dim = check_kv_write_shapes(k, v, kv_cache, slot_mapping)
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
