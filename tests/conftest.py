@@ -5,8 +5,11 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (tiny_models) import as top-level modules
 
 
 def smollm2_gguf_path() -> str:

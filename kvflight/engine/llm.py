@@ -94,7 +94,7 @@ class LLM:
                 step_outputs = self.engine.step()
                 if not step_outputs and not self.engine.has_unfinished_requests():
                     break
-                processed = self.processor.process(step_outputs)
+                processed = self.processor.process(step_outputs, only_finished=True)
                 for engine_id, stop in processed.stop_string_hits:
                     self.engine.abort_requests([engine_id], FinishReason.STOP)
                 for out in processed.outputs:

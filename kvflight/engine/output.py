@@ -105,7 +105,9 @@ class OutputProcessor:
         parent = self._parents.get(request_id)
         return [s.engine_id for s in parent.sequences if s.finish_reason is None] if parent else []
 
-    def process(self, step_outputs: list[StepOutput]) -> ProcessResult:
+    def process(self, step_outputs: list[StepOutput], only_finished: bool = False) -> ProcessResult:
+        """Apply one step's outputs. only_finished: build RequestOutputs for finished requests alone (offline
+        callers that never look at partial outputs skip the per-step copies)."""
         touched: dict[str, _Parent] = {}
         hits: list[tuple[str, str]] = []
         now = time.monotonic()
@@ -143,8 +145,10 @@ class OutputProcessor:
                 seq.finish_reason, seq.stop_reason = so.finish_reason, so.stop_reason
         outputs = []
         for parent in touched.values():
-            outputs.append(self._make_output(parent, now))
-            if parent.finished:
+            finished = parent.finished
+            if finished or not only_finished:
+                outputs.append(self._make_output(parent, now))
+            if finished:
                 self._drop(parent)
         return ProcessResult(outputs, hits)
 

@@ -34,13 +34,13 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
 
     k, v          [num_tokens, num_kv_heads, head_dim]
     kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
-    slot_mapping  [num_tokens] int64
+    slot_mapping  [num_tokens] int32 or int64
     """
     num_kv_heads, head_dim = check_kv_write_shapes(k, v, kv_cache, slot_mapping)
     key_slots = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_blocks * tokens_per_block, Hkv, D] (a view)
     value_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
+    slots = slot_mapping[valid].long()
     key_slots.index_copy_(0, slots, k[valid].to(kv_cache.dtype))
     value_slots.index_copy_(0, slots, v[valid].to(kv_cache.dtype))
 
@@ -184,3 +184,65 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation: silu(gate) * up. x [..., 2 * intermediate] -> [..., intermediate]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# ---- weight-only quantized matmuls (oracles for w8a16_matmul.py / w4a16_matmul.py) ------------------------------
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the input dim, low nibble first.
+
+    packed [N, K / 2] uint8 -> codes [N, K] uint8 in 0..15 (code of column 2j in the low nibble of byte j)
+    """
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x (qweight * scale)^T (+ bias), weights int8 per output channel, computed in float32.
+
+    x [M, K] (float32 / float16 / bfloat16), qweight [N, K] int8, scale [N] float32, bias [N] -> y [M, N] x.dtype
+    """
+    weight = qweight.float() * scale.float()[:, None]  # [N, K] float32
+    out = x.float() @ weight.t()  # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) with W dequantized group-wise from 4-bit codes, computed in float32.
+
+    x [M, K], qweight [N, K / 2] uint8 (unpack_int4 layout), scales [N, K / group_size] (float16 / float32),
+    zeros [N, K / group_size] uint8 codes 0..15 or None (symmetric: zero point 8) -> y [M, N] x.dtype
+    W[n, k] = (code[n, k] - zero[n, k // group_size]) * scale[n, k // group_size]
+    """
+    codes = unpack_int4(qweight).float()  # [N, K]
+    zero = zeros.float() if zeros is not None else torch.full_like(scales, 8.0, dtype=torch.float32)
+    zero = zero.repeat_interleave(group_size, dim=1)  # [N, K]
+    scale = scales.float().repeat_interleave(group_size, dim=1)  # [N, K]
+    out = x.float() @ ((codes - zero) * scale).t()  # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, ties away from zero (the rounding every int8 quantizer here uses)."""
+    return torch.where(x >= 0, torch.floor(x + 0.5), torch.ceil(x - 0.5))
+
+
+def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-row quantization for W8A8 matmuls.
+
+    x [M, K] -> (q [M, K] in `dtype` (torch.int8 or torch.float8_e4m3fn), scale [M, 1] float32) with
+    x ~= q * scale, scale = max|x_row| / qmax (qmax 127 for int8, 448 for e4m3; an all-zero row gets a tiny scale).
+    """
+    qmax = 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / qmax  # [M, 1]
+    scaled = xf / scale
+    if dtype == torch.int8:
+        return round_half_away(scaled).clamp(-127, 127).to(torch.int8), scale
+    return scaled.clamp(-qmax, qmax).to(dtype), scale

@@ -32,6 +32,7 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_cpu: list[int]  # host copy: new tokens per sequence
     seq_lens_cpu: list[int]  # host copy of seq_lens
+    num_splits: int = 1  # split-K segments per sequence in the Triton kernel (multi_block_mode); 1 = off
 
     @property
     def num_seqs(self) -> int:
@@ -116,7 +117,19 @@ def _reference_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
     return reference.paged_attention(q, kv_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, scale)
 
 
-_BACKENDS: dict[str, AttentionBackendFn] = {"reference": _reference_backend}
+def _triton_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Triton KV write + one paged-attention launch for the whole mixed batch (CUDA-graph capturable)."""
+    from kvflight.kernels import paged_attention, write_kv
+
+    if kv_cache is None or kv_cache.numel() == 0:
+        raise ValueError("the triton attention backend needs a KV cache tensor (prefills write into it)")
+    write_kv.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    return paged_attention.paged_attention(q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                                           scale, max_query_len=meta.max_query_len, num_splits=meta.num_splits)
+
+
+_BACKENDS: dict[str, AttentionBackendFn] = {"reference": _reference_backend, "triton": _triton_backend}
 
 
 def register_attention_backend(name: str, fn: AttentionBackendFn) -> None:

@@ -132,6 +132,17 @@ class LlamaForCausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def set_kernel_backend(self, backend: str) -> None:
+        """'triton': Triton attention / RMSNorm / rotary / SiLU-and-mul kernels; 'torch': the plain-torch references."""
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"kernel backend {backend!r}: expected 'triton' or 'torch'")
+        use_triton = backend == "triton"
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, SiluAndMul, RotaryEmbedding)):
+                module.use_triton = use_triton
+            elif isinstance(module, Attention):
+                module.backend = "triton" if use_triton else "reference"
+
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kvflight.config import ConfigError, EngineConfig
 from kvflight.model.arch import ModelArch
 from kvflight.model.attention import AttentionMetadata
 from kvflight.model.loader import ResolvedModel, load_model, resolve_device, resolve_dtype
+from kvflight.runner.cuda_graphs import DecodeGraphs, capture_sizes
+from kvflight.runner.input_buffers import InputBuffers, StepInputs
 from kvflight.runner.sampler import Sampler, to_token_logprobs
 from kvflight.types import SchedulerOutput, TokenLogprobs
 
@@ -68,11 +70,23 @@ class ModelRunner:
         mem0 = self._allocated()
         self.model = load_model(resolved, arch, self.dtype, self.device, config.model.seed)
         self.model.eval()
+        self.kernel_backend = resolve_kernel_backend(config.runtime.kernel_backend, self.device)
+        self.model.set_kernel_backend(self.kernel_backend)
         self.weights_bytes = self._allocated() - mem0 if self.device.type == "cuda" else sum(
             p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(self.device, seed=config.model.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.plan: MemoryPlan | None = None
+        sched = config.scheduler
+        graph_max = 0
+        if self.device.type == "cuda" and self.kernel_backend == "triton" and not config.runtime.enforce_eager:
+            graph_max = min(sched.max_batch_size, config.runtime.cuda_graph_max_batch_size or 512)
+        self.graphs: DecodeGraphs | None = DecodeGraphs(capture_sizes(graph_max), self.device) if graph_max else None
+        self.buffers = InputBuffers(max(sched.max_num_tokens, graph_max), sched.max_batch_size,
+                                    math.ceil(max_seq_len / self.tokens_per_block), self.tokens_per_block,
+                                    self.device)
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 1
 
     # ---- memory -------------------------------------------------------------------------------------------
 
@@ -131,83 +145,119 @@ class ModelRunner:
         num_seqs = max(1, min(sched.max_batch_size, num_tokens))
         lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         lens = [n for n in lens if n > 0]
-        tables = [[0] * math.ceil(n / self.tokens_per_block) for n in lens]  # no KV cache: fresh prefills
+        tables = [[0] * math.ceil(n / self.tokens_per_block) for n in lens]  # all write block 0: scratch
+        # the Triton backend reads K/V from the cache, so the profile gets a scratch cache (not counted)
+        scratch = self._alloc_kv(max(len(t) for t in tables), num_tensors=1) if self.kernel_backend == "triton" \
+            else None
         torch.cuda.synchronize(self.device)
         base = self._allocated()
         torch.cuda.reset_peak_memory_stats(self.device)
-        meta, input_ids, positions, _ = self._build_inputs([0] * len(lens), lens, tables, [True] * len(lens),
-                                                           token_ids=[[0] * n for n in lens])
-        hidden = self.model(input_ids, positions, None, meta)
-        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
+        inputs = self.buffers.prepare([0] * len(lens), lens, tables, [True] * len(lens), [[0] * n for n in lens])
+        meta = self._metadata(inputs, max_query_len=max(lens), num_splits=1)
+        caches = None if scratch is None else scratch * self.arch.num_layers
+        hidden = self.model(inputs.input_ids, inputs.positions, caches, meta)
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
         probs_sorted = torch.sort(torch.softmax(logits, dim=-1), dim=-1)  # ~ the sampler's top-p peak
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
-        del hidden, logits, meta, probs_sorted
+        del hidden, logits, meta, probs_sorted, scratch, caches
         torch.cuda.empty_cache()
         return int(peak)
 
-    def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
+    def _alloc_kv(self, num_blocks: int, num_tensors: int | None = None) -> list[torch.Tensor]:
         a = self.arch
         # one extra scratch block at the end: padded slots write there, real blocks are never touched
         shape = (2, num_blocks + 1, self.tokens_per_block, a.num_kv_heads, a.head_dim)
-        return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(a.num_layers)]
+        count = a.num_layers if num_tensors is None else num_tensors
+        return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(count)]
 
     def allocate_kv_cache(self, plan: MemoryPlan) -> None:
         self.plan = plan
         self.kv_caches = self._alloc_kv(plan.num_blocks)
         logger.info(plan.describe())
+        if self.graphs is not None:
+            self._capture_graphs()
+
+    # ---- CUDA graphs --------------------------------------------------------------------------------------
+
+    def _num_splits(self, num_seqs: int, max_query_len: int, max_seq_len: int | None) -> int:
+        if self.kernel_backend != "triton":
+            return 1
+        from kvflight.kernels.paged_attention import choose_num_splits
+        return choose_num_splits(num_seqs, self.arch.num_kv_heads, max_query_len, max_seq_len, self._num_sms,
+                                 self.config.runtime.multi_block_mode)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        assert self.graphs is not None
+        scratch_block = self.plan.num_blocks if self.plan else 0
+
+        prepared: dict[int, StepInputs] = {}
+
+        def prepare(size: int) -> None:
+            # size one-token sequences, each with a one-token context in the scratch block (values are irrelevant:
+            # each replay's step fills every input first)
+            prepared[size] = self.buffers.prepare([0] * size, [1] * size, [[scratch_block]] * size, [True] * size,
+                                                  [[0]] * size)
+
+        def run_forward(size: int) -> torch.Tensor:
+            inputs = prepared[size]
+            meta = self._metadata(inputs, max_query_len=1, num_splits=self._num_splits(size, 1, None))
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # [size, hidden]
+            return self.model.compute_logits(hidden)  # [size, vocab] float32
+
+        self.graphs.capture(prepare, run_forward)
+
+    # ---- one step: inputs ---------------------------------------------------------------------------------
+
+    def _metadata(self, inputs: StepInputs, max_query_len: int, num_splits: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=inputs.slot_mapping, query_start_loc=inputs.query_start_loc, seq_lens=inputs.seq_lens,
+            block_tables=inputs.block_tables, max_query_len=max_query_len,
+            max_seq_len=int(inputs.seq_lens_host.max()) if len(inputs.seq_lens_host) else 0,
+            query_lens_cpu=inputs.query_lens.tolist(), seq_lens_cpu=inputs.seq_lens_host.tolist(),
+            num_splits=num_splits)
+
 
     # ---- one step -----------------------------------------------------------------------------------------
-
-    def _build_inputs(self, starts: list[int], num_new: list[int], tables: list[list[int]],
-                      do_sample: list[bool], token_ids: list[list[int]]):
-        """Flatten the batch. Returns metadata, input_ids [T], positions [T], logits_indices [num_samples]."""
-        tpb = self.tokens_per_block
-        num_seqs = len(starts)
-        query_lens = np.asarray(num_new, dtype=np.int64)
-        qsl = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=qsl[1:])
-        total = int(qsl[-1])
-        seq_lens = np.asarray(starts, dtype=np.int64) + query_lens
-        # positions: for each token, start of its sequence + its offset inside the chunk
-        seq_of_token = np.repeat(np.arange(num_seqs), query_lens)
-        positions = np.arange(total, dtype=np.int64) - qsl[:-1][seq_of_token] + np.asarray(starts)[seq_of_token]
-        max_blocks = max(len(t) for t in tables)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
-        slot_mapping = block_tables[seq_of_token, positions // tpb] * tpb + positions % tpb
-        flat_ids = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int64, count=total)
-        logits_idx = (qsl[1:] - 1)[np.asarray(do_sample, dtype=bool)]
-        dev = self.device
-
-        def put(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(x).to(dtype).to(dev, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=put(slot_mapping, torch.int64),
-            query_start_loc=put(qsl, torch.int32),
-            seq_lens=put(seq_lens, torch.int32),
-            block_tables=put(block_tables, torch.int32),
-            max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_lens_cpu=query_lens.tolist(),
-            seq_lens_cpu=seq_lens.tolist(),
-        )
-        return meta, put(flat_ids, torch.int64), put(positions, torch.int64), put(logits_idx, torch.int64)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         sched = out.scheduled
-        meta, input_ids, positions, logits_idx = self._build_inputs(
-            [s.start_pos for s in sched], [s.num_new_tokens for s in sched], [s.block_ids for s in sched],
-            [s.do_sample for s in sched], [s.token_ids for s in sched])
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+        num_seqs = len(sched)
+        num_new = [s.num_new_tokens for s in sched]
+        decode_only = out.num_scheduled_tokens == num_seqs
+        graph_size = self.graphs.padded_size(num_seqs) if decode_only and self.graphs is not None else None
+        inputs = self.buffers.prepare([s.start_pos for s in sched], num_new, [s.block_ids for s in sched],
+                                      [s.do_sample for s in sched], [s.token_ids for s in sched],
+                                      pad_num_seqs=graph_size)
         rows = [s.request for s in sched if s.do_sample]
-        if not rows:
-            return RunnerOutput([], None)
-        logits = self.model.compute_logits(hidden[logits_idx])  # [num_samples, vocab] float32
+        if graph_size is not None:
+            logits = self.graphs.replay(graph_size)  # [graph_size, vocab] float32: row i = sequence i
+            if not rows:
+                return RunnerOutput([], None)
+            logits = logits[:num_seqs] if len(rows) == num_seqs else logits.index_select(0, inputs.logits_indices)
+        else:
+            max_query_len = max(num_new)
+            meta = self._metadata(inputs, max_query_len, self._num_splits(num_seqs, max_query_len,
+                                                                          int(inputs.seq_lens_host.max())))
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # [T, hidden]
+            if not rows:
+                return RunnerOutput([], None)
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # [samples, vocab]
         sampled = self.sampler(logits, rows)
         token_ids = sampled.token_ids.tolist()  # the step's one host sync
         want_logprobs = any(r.sampling_params.logprobs is not None for r in rows)
         return RunnerOutput(token_ids, to_token_logprobs(sampled, rows) if want_logprobs else None)
+
+
+def resolve_kernel_backend(name: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; 'triton' off CUDA needs TRITON_INTERPRET=1 (tests)."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in ("triton", "torch"):
+        raise ConfigError(f"kernel_backend={name!r}: expected auto, triton or torch")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"kernel_backend=triton needs a CUDA device (the model is on {device}); use "
+                          "kernel_backend=torch or auto, or set TRITON_INTERPRET=1 to run the kernels interpreted")
+    return name

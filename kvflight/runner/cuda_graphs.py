@@ -1,0 +1,75 @@
+"""DecodeGraphs owns the CUDA graphs of decode batches: capture per padded batch size, replay, memory used.
+
+A decode batch (every sequence computes one token) of n sequences replays the graph of the smallest captured size
+>= n; the extra rows are padding (query_len 0, seq_len 0, slot -1: they read and write no KV). The graph covers
+the whole forward and the logits of every row; sampling runs after it, on the same stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("kvflight.runner")
+
+
+def capture_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, then multiples of 8 up to max_batch_size (which is always included)."""
+    sizes = [s for s in (1, 2, 4) if s <= max_batch_size]
+    sizes += list(range(8, max_batch_size + 1, 8))
+    if max_batch_size not in sizes:
+        sizes.append(max_batch_size)
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    def __init__(self, sizes: list[int], device: torch.device) -> None:
+        self.sizes = sorted(sizes)
+        self.device = device
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}  # [size, vocab] float32, written by each replay
+        self.pool_bytes = 0
+        self.capture_seconds = 0.0
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1] if self.sizes else 0
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        """The captured size a batch of num_seqs decode sequences replays, or None when it is too large."""
+        for size in self.sizes:
+            if size >= num_seqs:
+                return size
+        return None
+
+    def capture(self, prepare: Callable[[int], None], run_forward: Callable[[int], torch.Tensor]) -> None:
+        """prepare(size) fills the persistent inputs with `size` valid decode rows (outside the graph: the copies
+        belong to each step, not to the graph); run_forward(size) runs the model on those inputs and returns
+        logits [size, vocab]; it is called once eagerly (warm-up: compiles kernels) and once under capture."""
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        # largest first: later (smaller) graphs reuse the pool's blocks
+        for size in sorted(self.sizes, reverse=True):
+            prepare(size)
+            run_forward(size)  # warm-up outside capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                logits = run_forward(size)
+            self._graphs[size] = graph
+            self._logits[size] = logits
+        torch.cuda.synchronize(self.device)
+        self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s, %.2f GiB", len(self.sizes),
+                    self.sizes[0] if self.sizes else 0, self.max_size, self.capture_seconds, self.pool_bytes / 2**30)
+
+    def replay(self, size: int) -> torch.Tensor:
+        """Replay the graph of `size` rows; returns its logits buffer [size, vocab] (valid until the next replay)."""
+        self._graphs[size].replay()
+        return self._logits[size]

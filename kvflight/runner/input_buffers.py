@@ -1,0 +1,128 @@
+"""InputBuffers owns one step's flat model inputs: persistent pinned host staging, device mirrors, one copy per step.
+
+Every step's inputs (token ids, positions, KV slots, query start offsets, context lengths, logits rows) live in
+ONE int32 host buffer at fixed offsets and travel to the device in one non-blocking copy; the block tables
+([max_num_seqs, max_blocks_per_seq] int32) travel in a second copy of only the rows and columns the step uses.
+The device tensors never move, so CUDA graphs captured over views of them replay with new contents.
+
+The host buffer is reused every step: the caller must not refill it before the previous step's copy ran (the
+runner's one host sync per step — reading the sampled tokens — guarantees that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepInputs:
+    """Device views of one step's inputs (padded to num_tokens / num_seqs when a CUDA graph replays)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int32
+    positions: torch.Tensor  # [num_tokens] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int32, -1 = padding (not written)
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32 (only the columns a sequence needs are valid)
+    logits_indices: torch.Tensor  # [num_samples] int32: rows of the hidden states to sample from
+    query_lens: np.ndarray  # [num_real_seqs] host copy
+    seq_lens_host: np.ndarray  # [num_real_seqs] host copy
+
+
+class InputBuffers:
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, tokens_per_block: int,
+                 device: torch.device) -> None:
+        self.max_num_tokens = max_num_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.tokens_per_block = tokens_per_block
+        self.device = device
+        pin = device.type == "cuda"
+        t, s = max_num_tokens, max_num_seqs
+        # offsets of the regions in the flat buffer
+        self._ids, self._pos, self._slots = 0, t, 2 * t
+        self._qsl = 3 * t
+        self._seq_lens = self._qsl + s + 1
+        self._logits = self._seq_lens + s
+        size = self._logits + s
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)  # [size]
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(size, dtype=torch.int32, device=device)  # [size]
+        self.host_block_tables = torch.zeros((s, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
+        self.host_block_tables_np = self.host_block_tables.numpy()  # [max_num_seqs, max_blocks_per_seq]
+        self.dev_block_tables = torch.zeros((s, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self._arange = np.arange(max(t, s) + 1, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.dev.numel() + self.dev_block_tables.numel()) * 4
+
+    def views(self, num_tokens: int, num_seqs: int, num_samples: int) -> tuple[torch.Tensor, ...]:
+        """Device views (ids, positions, slots, query_start_loc, seq_lens, block_tables, logits_indices)."""
+        d = self.dev
+        return (d[self._ids:self._ids + num_tokens], d[self._pos:self._pos + num_tokens],
+                d[self._slots:self._slots + num_tokens], d[self._qsl:self._qsl + num_seqs + 1],
+                d[self._seq_lens:self._seq_lens + num_seqs], self.dev_block_tables[:num_seqs],
+                d[self._logits:self._logits + num_samples])
+
+    def prepare(self, starts: list[int], num_new: list[int], tables: list[list[int]], do_sample: list[bool],
+                token_ids: list[list[int]], pad_num_seqs: int | None = None) -> StepInputs:
+        """Fill the host staging for one step, copy it to the device, return device views.
+
+        starts[i]: tokens of sequence i already in the cache; num_new[i]: its new tokens token_ids[i];
+        tables[i]: its whole block table. pad_num_seqs: pad to this many one-token sequences (a CUDA graph
+        batch); padding rows have query_len 0 and seq_len 0 and their tokens' slots are -1.
+        """
+        num_seqs = len(starts)
+        if num_seqs > self.max_num_seqs:
+            raise ValueError(f"{num_seqs} sequences exceed the input buffers' max_num_seqs={self.max_num_seqs}")
+        tpb = self.tokens_per_block
+        query_lens = np.asarray(num_new, dtype=np.int64)  # [S]
+        qsl = np.zeros(num_seqs + 1, dtype=np.int64)  # [S + 1]
+        np.cumsum(query_lens, out=qsl[1:])
+        total = int(qsl[-1])
+        padded_tokens = total if pad_num_seqs is None else pad_num_seqs
+        padded_seqs = num_seqs if pad_num_seqs is None else pad_num_seqs
+        if padded_tokens > self.max_num_tokens:
+            raise ValueError(f"{padded_tokens} tokens exceed the input buffers' max_num_tokens={self.max_num_tokens}")
+        seq_lens = np.asarray(starts, dtype=np.int64) + query_lens  # [S]
+        width = max((len(t) for t in tables), default=1)
+        if width > self.max_blocks_per_seq:
+            raise ValueError(f"a block table of {width} blocks exceeds max_blocks_per_seq={self.max_blocks_per_seq}")
+        bt = self.host_block_tables_np
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = t
+        h = self.host_np
+        if total == num_seqs:  # decode-only: one token per sequence
+            positions = seq_lens - 1
+            slots = bt[self._arange[:num_seqs], positions // tpb].astype(np.int64) * tpb + positions % tpb
+            h[self._ids:self._ids + total] = [ids[0] for ids in token_ids]
+        else:
+            seq_of_token = np.repeat(self._arange[:num_seqs], query_lens)  # [T]
+            positions = self._arange[:total] - qsl[:-1][seq_of_token] + np.asarray(starts, dtype=np.int64)[seq_of_token]
+            slots = bt[seq_of_token, positions // tpb].astype(np.int64) * tpb + positions % tpb
+            h[self._ids:self._ids + total] = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int64,
+                                                          count=total)
+        h[self._pos:self._pos + total] = positions
+        h[self._slots:self._slots + total] = slots
+        h[self._qsl:self._qsl + num_seqs + 1] = qsl
+        h[self._seq_lens:self._seq_lens + num_seqs] = seq_lens
+        if padded_tokens > total:  # graph padding: tokens that belong to no sequence
+            h[self._ids + total:self._ids + padded_tokens] = 0
+            h[self._pos + total:self._pos + padded_tokens] = 0
+            h[self._slots + total:self._slots + padded_tokens] = -1
+        if padded_seqs > num_seqs:  # padding sequences: query_len 0, seq_len 0
+            h[self._qsl + num_seqs + 1:self._qsl + padded_seqs + 1] = total
+            h[self._seq_lens + num_seqs:self._seq_lens + padded_seqs] = 0
+        logits_rows = (qsl[1:] - 1)[np.asarray(do_sample, dtype=bool)]
+        num_samples = len(logits_rows)
+        h[self._logits:self._logits + num_samples] = logits_rows
+        # one copy of the flat region (up to the last byte this step uses), one of the block-table rows used
+        end = self._logits + num_samples
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        self.dev_block_tables[:num_seqs, :width].copy_(self.host_block_tables[:num_seqs, :width], non_blocking=True)
+        ids, pos, slot, qsl_d, lens_d, bt_d, logits_d = self.views(padded_tokens, padded_seqs, num_samples)
+        return StepInputs(ids, pos, slot, qsl_d, lens_d, bt_d, logits_d, query_lens, seq_lens)
