@@ -1,0 +1,425 @@
+"""Triton paged attention over the KV cache (one launch for mixed prefill / chunk / decode batches, GQA-grouped
+query tiles, optional split-K "multi_block_mode" + merge): a drop-in for reference.paged_attention.
+
+Layout (as in reference.py), one cache tensor per layer:
+    kv_cache [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
+
+How the work is cut (the XQA idea): one program owns one KV head and a tile of BLOCK_Q consecutive new tokens of
+one sequence, times all G = num_heads / num_kv_heads query heads that share that KV head. Its BLOCK_M rows are
+(token, head-in-group) pairs, row m = token_offset * G + head_offset, so each K/V tile is read once for all G
+heads. Programs find their sequence by a binary search over query_start_loc on the device, so the grid depends
+only on host ints (CUDA-graph capturable): q tiles = num_tokens // BLOCK_Q + num_seqs is an upper bound on
+sum_i ceil(query_len_i / BLOCK_Q); programs past a sequence's last tile return at once.
+
+Split-K (num_splits > 1): each program's KV range is cut into num_splits segments of whole KV tiles, computed in
+the kernel from seq_len (one captured graph serves any context length). Each segment writes its unnormalised
+float32 output, running max and sum of exponentials (base 2) to a workspace; _merge_splits_kernel combines them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+MAX_NUM_SPLITS = 128  # the merge kernel loads all splits' statistics of one row at once
+_SPLIT_MODES = ("auto", "on", "off")
+# multi_block_mode "auto": split only when every segment still reads at least this many KV tokens
+MIN_TOKENS_PER_SPLIT = 256
+# ... and aim for this many programs per SM (programs = num_seqs * num_kv_heads * num_splits)
+TARGET_PROGRAMS_PER_SM = 4
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
+    """Largest sequence i whose first q tile (query_start_loc[i] // BLOCK_Q + i) is <= tile_idx."""
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_kv_tiles(
+    acc, l_i, m_i,  # running state: [BLOCK_M, HEAD_DIM_PAD] f32, [BLOCK_M] f32, [BLOCK_M] f32 (log2 domain)
+    q,  # [BLOCK_M, HEAD_DIM_PAD] in q's dtype
+    kv_head_ptr,  # kv_cache + kv_head * c_stride_h (the K half)
+    block_table_ptr,  # this sequence's row of block_tables
+    tile_lo, tile_hi,  # KV tiles [tile_lo, tile_hi) of BLOCK_N positions
+    q_pos,  # [BLOCK_M] absolute position of each row's token (causal limit)
+    kv_end,  # keys at positions >= kv_end are never read
+    qk_scale,  # softmax scale * log2(e)
+    c_stride_kv, c_stride_block, c_stride_off,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    cols = tl.arange(0, BLOCK_N)
+    for tile in range(tile_lo, tile_hi):
+        pos = tile * BLOCK_N + cols  # [BLOCK_N] key positions
+        if BLOCK_N <= TOKENS_PER_BLOCK:
+            # the whole tile lies in one cache block: one block id, contiguous offsets
+            block_id = tl.load(block_table_ptr + (tile * BLOCK_N) // TOKENS_PER_BLOCK).to(tl.int64)
+            slot_off = block_id * c_stride_block + ((tile * BLOCK_N) % TOKENS_PER_BLOCK + cols) * c_stride_off
+        else:
+            if MASKED:
+                block_id = tl.load(block_table_ptr + pos // TOKENS_PER_BLOCK, mask=pos < kv_end, other=0)
+            else:
+                block_id = tl.load(block_table_ptr + pos // TOKENS_PER_BLOCK)
+            slot_off = block_id.to(tl.int64) * c_stride_block + (pos % TOKENS_PER_BLOCK) * c_stride_off
+        kv_off = slot_off[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM_PAD]
+        if MASKED:
+            kv_mask = (pos < kv_end)[:, None] & (dims < HEAD_DIM)[None, :]
+            k = tl.load(kv_head_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(kv_head_ptr + c_stride_kv + kv_off, mask=kv_mask, other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
+            kv_mask = (dims < HEAD_DIM)[None, :]
+            k = tl.load(kv_head_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(kv_head_ptr + c_stride_kv + kv_off, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(kv_head_ptr + kv_off)
+            v = tl.load(kv_head_ptr + c_stride_kv + kv_off)
+        k = k.to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
+        v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] f32, log2 units
+        if MASKED:
+            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at l = 0
+        p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M]; 0 on the first visible tile
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,  # [T, Hq, D]
+    kv_ptr,  # [2, num_blocks, tokens_per_block, Hkv, D]
+    block_tables_ptr,  # [>= num_seqs, max_blocks_per_seq] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    out_ptr,  # [T, Hq, D] (NUM_SPLITS == 1)
+    ws_acc_ptr,  # [NUM_SPLITS, T, Hq, D] f32 (NUM_SPLITS > 1)
+    ws_max_ptr,  # [NUM_SPLITS, T, Hq] f32
+    ws_sum_ptr,  # [NUM_SPLITS, T, Hq] f32
+    qk_scale,
+    num_seqs,
+    num_q_tiles,  # grid size along axis 0
+    q_stride_t, q_stride_h,
+    o_stride_t, o_stride_h,
+    c_stride_kv, c_stride_block, c_stride_off, c_stride_h,
+    bt_stride_seq,
+    ws_stride_split, ws_stride_t, ws_stride_h,
+    st_stride_split, st_stride_t,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    TOKENS_PER_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows = BLOCK_Q tokens * GROUP heads (+ masked padding rows)
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,  # every sequence has <= BLOCK_Q new tokens: program i is sequence i
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if SINGLE_TILE:
+        seq = tl.program_id(0)
+        q_tile_in_seq = 0
+    else:
+        tile_idx = num_q_tiles - 1 - tl.program_id(0)  # last tiles (most keys under the causal mask) start first
+        seq = _find_seq(query_start_loc_ptr, num_seqs, tile_idx, BLOCK_Q)
+        q_tile_in_seq = tile_idx - (tl.load(query_start_loc_ptr + seq) // BLOCK_Q + seq)
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    first_q = q_tile_in_seq * BLOCK_Q  # this tile's first new token, counted within the sequence
+    if first_q >= query_len:
+        return  # past the sequence's last tile (or a query_len == 0 padding sequence)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_before = seq_len - query_len  # cached positions before the new tokens
+    last_q = tl.minimum(first_q + BLOCK_Q, query_len) - 1  # this tile's last new token
+
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // GROUP  # token offset in the tile
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M] query head of each row
+    tok_in_seq = first_q + row_tok
+    row_valid = (row_tok < BLOCK_Q) & (tok_in_seq < query_len)
+    token = (q_begin + tl.minimum(tok_in_seq, last_q)).to(tl.int64)  # [BLOCK_M]; padding rows repeat the last
+    q_pos = context_before + tl.minimum(tok_in_seq, last_q)  # [BLOCK_M] absolute positions
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    q_mask = row_valid[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + token[:, None] * q_stride_t + head[:, None] * q_stride_h + dims[None, :],
+                mask=q_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
+
+    kv_end = tl.maximum(context_before + last_q + 1, 0)  # this tile reads keys [0, kv_end)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    num_full_tiles = tl.maximum(context_before + first_q + 1, 0) // BLOCK_N  # tiles every row sees entirely
+    if NUM_SPLITS > 1:
+        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        tile_lo = tl.minimum(split * tiles_per_split, num_tiles)
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    kv_head_ptr = kv_ptr + kv_head.to(tl.int64) * c_stride_h
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride_seq
+    acc, l_i, m_i = _attend_kv_tiles(
+        acc, l_i, m_i, q, kv_head_ptr, block_table_ptr, tile_lo, tl.minimum(tile_hi, num_full_tiles), q_pos,
+        kv_end, qk_scale, c_stride_kv, c_stride_block, c_stride_off,
+        HEAD_DIM, HEAD_DIM_PAD, TOKENS_PER_BLOCK, BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _attend_kv_tiles(
+        acc, l_i, m_i, q, kv_head_ptr, block_table_ptr, tl.maximum(tile_lo, num_full_tiles), tile_hi, q_pos,
+        kv_end, qk_scale, c_stride_kv, c_stride_block, c_stride_off,
+        HEAD_DIM, HEAD_DIM_PAD, TOKENS_PER_BLOCK, BLOCK_N, True, DOT_PRECISION)
+
+    if NUM_SPLITS > 1:
+        ws_off = split * ws_stride_split + token * ws_stride_t + head * ws_stride_h  # [BLOCK_M]
+        tl.store(ws_acc_ptr + ws_off[:, None] + dims[None, :], acc, mask=q_mask)
+        st_off = split * st_stride_split + token * st_stride_t + head  # [BLOCK_M]
+        tl.store(ws_max_ptr + st_off, m_i, mask=row_valid)
+        tl.store(ws_sum_ptr + st_off, l_i, mask=row_valid)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key (seq_len 0) write zeros
+        tl.store(out_ptr + token[:, None] * o_stride_t + head[:, None] * o_stride_h + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    ws_acc_ptr,  # [NUM_SPLITS, T, Hq, D] f32
+    ws_max_ptr,  # [NUM_SPLITS, T, Hq] f32
+    ws_sum_ptr,  # [NUM_SPLITS, T, Hq] f32
+    out_ptr,  # [T, Hq, D]
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    num_seqs,
+    o_stride_t, o_stride_h,
+    ws_stride_split, ws_stride_t, ws_stride_h,
+    st_stride_split, st_stride_t,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)  # one program per (token, query head)
+    head = tl.program_id(1)
+    if token >= tl.load(query_start_loc_ptr + num_seqs):
+        return  # padding token beyond the batch: nothing was computed, leave out alone
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    st_off = splits * st_stride_split + token * st_stride_t + head  # [SPLITS_PAD]
+    m = tl.load(ws_max_ptr + st_off, mask=split_ok, other=float("-inf"))  # [SPLITS_PAD] (empty segment: -inf)
+    l = tl.load(ws_sum_ptr + st_off, mask=split_ok, other=0.0)
+    m_all = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # [SPLITS_PAD]; 0 for empty segments
+    total = tl.sum(weight * l, 0)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    ws_off = splits * ws_stride_split + token * ws_stride_t + head * ws_stride_h  # [SPLITS_PAD]
+    acc_mask = split_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    acc = tl.load(ws_acc_ptr + ws_off[:, None] + dims[None, :], mask=acc_mask, other=0.0)  # [SPLITS_PAD, D_PAD]
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)  # [HEAD_DIM_PAD]
+    tl.store(out_ptr + token * o_stride_t + head * o_stride_h + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, num_splits: int,
+                  out: torch.Tensor | None) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q shape {tuple(q.shape)}: expected [num_tokens, num_heads, head_dim]")
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)}: expected "
+                         "[2, num_blocks, tokens_per_block, num_kv_heads, head_dim]")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, tokens_per_block = kv_cache.shape[3], kv_cache.shape[2]
+    if kv_cache.shape[4] != head_dim:
+        raise ValueError(f"kv_cache head_dim {kv_cache.shape[4]} != q head_dim {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if tokens_per_block & (tokens_per_block - 1) or tokens_per_block < 1:
+        raise ValueError(f"tokens_per_block={tokens_per_block} must be a power of two")
+    if q.dtype not in _FLOAT_DTYPES or kv_cache.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} / kv_cache dtype {kv_cache.dtype}: expected float32, float16 or "
+                         "bfloat16")
+    if q.stride(2) != 1 or kv_cache.stride(4) != 1:
+        raise ValueError("q and kv_cache must be contiguous in head_dim (stride 1 on the last dim)")
+    num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens {tuple(seq_lens.shape)} {seq_lens.dtype}: expected [num_seqs] int32")
+    if query_start_loc.shape != (num_seqs + 1,) or query_start_loc.dtype != torch.int32:
+        raise ValueError(f"query_start_loc {tuple(query_start_loc.shape)} {query_start_loc.dtype}: expected "
+                         f"[num_seqs + 1] = [{num_seqs + 1}] int32")
+    if block_tables.dim() != 2 or block_tables.shape[0] < num_seqs or block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables {tuple(block_tables.shape)} {block_tables.dtype}: expected "
+                         f"[>= {num_seqs}, max_blocks_per_seq] int32")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along max_blocks_per_seq")
+    for name, t in (("kv_cache", kv_cache), ("block_tables", block_tables),
+                    ("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not isinstance(max_query_len, int) or max_query_len < 0:
+        raise ValueError(f"max_query_len={max_query_len!r} must be a host int >= 0")
+    if not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_NUM_SPLITS:
+        raise ValueError(f"num_splits={num_splits!r} must be an int in [1, {MAX_NUM_SPLITS}]")
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device}: expected q's "
+                             f"{tuple(q.shape)} {q.dtype} on {q.device}")
+        if out.stride(2) != 1:
+            raise ValueError("out must be contiguous in head_dim (stride 1 on the last dim)")
+
+
+def _launch_config(group: int, head_dim_pad: int, max_query_len: int, elem_bytes: int) -> dict:
+    """Tile shapes for one launch. Decode-like launches (few rows per sequence) use a narrow BLOCK_M and deep
+    pipelining to keep many KV bytes in flight; prefill-like launches use 128-row tiles for the tensor cores.
+
+    Triton's pipeliner gives a K/V load that sits behind another load in the loop (the block-table lookup)
+    (num_stages - 1) // 2 shared-memory buffers on the mma.sync path (BLOCK_M <= 32 here) and num_stages - 1 on
+    the wgmma path (seen in the TTGIR of triton 3.6 and 3.9), so num_stages is derived from the buffers wanted.
+    """
+    rows_needed = max(max_query_len, 1) * group
+    block_m = min(max(16, triton.next_power_of_2(rows_needed)), max(128, triton.next_power_of_2(group)))
+    block_q = max(1, min(block_m // group, triton.next_power_of_2(max(max_query_len, 1))))
+    decode_like = block_m <= 32  # memory bound, mma.sync
+    # H100 sweep (benchmarks/attention_gpu.py --tune, Llama-8B shape): decode best at BLOCK_N 128, 4 warps,
+    # 2 buffers; prefill 4096 best at BLOCK_M 128, BLOCK_N 128, 8 warps, 2 buffers
+    block_n = 128 if head_dim_pad * elem_bytes <= 256 else 64
+    num_warps = 8 if block_m >= 128 else 4
+    kv_buffers = 2
+    # keep the K + V buffers and the Q tile within ~160 KB of shared memory (H100: 227 KB per block)
+    while (2 * block_n * kv_buffers + block_m) * head_dim_pad * elem_bytes > 160 * 1024:
+        if kv_buffers > 1:
+            kv_buffers -= 1
+        elif block_n > 32:
+            block_n //= 2
+        elif block_m > 16 and block_m // 2 >= group:
+            block_m //= 2
+            block_q = max(1, min(block_m // group, block_q))
+        else:
+            break
+    num_stages = 2 * kv_buffers + 1 if decode_like else kv_buffers + 1
+    return dict(BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of a flat batch of new tokens over the paged cache (their K/V already written).
+
+    q                [num_tokens, num_heads, head_dim]: sequences' new tokens back to back (padding rows after
+                     query_start_loc[-1] allowed: they are not computed)
+    kv_cache         [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
+    block_tables     [>= num_seqs, max_blocks_per_seq] int32
+    query_start_loc  [num_seqs + 1] int32 (device): prefix sums of the new-token counts
+    seq_lens         [num_seqs] int32 (device): context length after this step (cached + new)
+    scale            softmax scale (usually 1 / sqrt(head_dim))
+    max_query_len    host int >= every sequence's new-token count (picks tile shapes; never read on the device)
+    num_splits       split-K segments per sequence's KV range (multi_block_mode); 1 = off. See choose_num_splits.
+    out              [num_tokens, num_heads, head_dim] in q's dtype, written in place if given
+    Token j of a sequence with L new tokens and context S attends to positions 0 .. S - L + j, query head h
+    reading KV head h // (num_heads // num_kv_heads). Accumulates in float32; returns out (q's dtype).
+    No host sync; launch sizes depend only on shapes, max_query_len and num_splits (CUDA-graph capturable).
+    """
+    _check_inputs(q, kv_cache, block_tables, query_start_loc, seq_lens, max_query_len, num_splits, out)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, tokens_per_block = kv_cache.shape[3], kv_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
+        return out
+    group = num_heads // num_kv_heads
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    cfg = _launch_config(group, head_dim_pad, max_query_len, q.element_size())
+    block_q = cfg["BLOCK_Q"]
+    single_tile = max_query_len <= block_q
+    num_q_tiles = num_seqs if single_tile else num_tokens // block_q + num_seqs
+    if num_splits > 1:
+        ws_acc = torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=q.device)
+        ws_max = torch.empty((num_splits, num_tokens, num_heads), dtype=torch.float32, device=q.device)
+        ws_sum = torch.empty_like(ws_max)
+    else:
+        ws_acc = ws_max = ws_sum = out  # unused
+    _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, query_start_loc, seq_lens, out, ws_acc, ws_max, ws_sum,
+        float(scale) * LOG2_E, num_seqs, num_q_tiles,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0),
+        ws_acc.stride(0) if num_splits > 1 else 0, ws_acc.stride(1) if num_splits > 1 else 0,
+        ws_acc.stride(2) if num_splits > 1 else 0,
+        ws_max.stride(0) if num_splits > 1 else 0, ws_max.stride(1) if num_splits > 1 else 0,
+        GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TOKENS_PER_BLOCK=tokens_per_block,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], SINGLE_TILE=single_tile,
+        NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            ws_acc, ws_max, ws_sum, out, query_start_loc, num_seqs,
+            out.stride(0), out.stride(1),
+            ws_acc.stride(0), ws_acc.stride(1), ws_acc.stride(2),
+            ws_max.stride(0), ws_max.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            num_warps=4 if head_dim_pad * num_splits >= 2048 else 1,
+        )
+    return out
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int | None,
+                      num_sms: int, mode: str = "auto") -> int:
+    """multi_block_mode: how many split-K segments paged_attention should cut each sequence's KV range into.
+
+    "off"  -> 1.
+    "on"   -> always > 1: enough segments for TARGET_PROGRAMS_PER_SM programs per SM, at least 2; when
+              max_seq_len is known, no more than one segment per MIN_TOKENS_PER_SPLIT tokens (still >= 2).
+    "auto" -> 1 unless the batch is decode-only (max_query_len <= 1) and num_seqs * num_kv_heads <= num_sms / 2
+              (over half the SMs would sit idle; at 128 programs on 132 SMs the H100 already reads at ~87% of
+              copy bandwidth and splitting was slower) and, when max_seq_len is known, max_seq_len >= 2 * MIN_TOKENS_PER_SPLIT
+              (long contexts); then as "on". max_seq_len None (unknown, e.g. under CUDA-graph capture) decides
+              from the batch shape only.
+    The result is in [1, MAX_NUM_SPLITS].
+    """
+    if mode not in _SPLIT_MODES:
+        raise ValueError(f"multi_block_mode={mode!r}: expected one of {', '.join(_SPLIT_MODES)}")
+    if num_seqs < 0 or num_kv_heads < 1 or num_sms < 1 or max_query_len < 0:
+        raise ValueError(f"num_seqs={num_seqs}, num_kv_heads={num_kv_heads}, num_sms={num_sms}, "
+                         f"max_query_len={max_query_len}: expected num_seqs >= 0, the others >= 1 (query len >= 0)")
+    if mode == "off":
+        return 1
+    programs = max(num_seqs, 1) * num_kv_heads
+    if mode == "auto":
+        if max_query_len > 1 or 2 * programs > num_sms:
+            return 1
+        if max_seq_len is not None and max_seq_len < 2 * MIN_TOKENS_PER_SPLIT:
+            return 1
+    splits = math.ceil(TARGET_PROGRAMS_PER_SM * num_sms / programs)
+    if max_seq_len is not None:
+        splits = min(splits, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    return max(2, min(splits, MAX_NUM_SPLITS))
