@@ -90,6 +90,18 @@ def main() -> int:
         print(f"graph replay alone, batch {size}: {start.elapsed_time(end) / 20:.2f} ms")
     eng.abort_requests([f"p{i}" for i in range(len(prompts))])
     eng.step()
+    # batch-1 decode: device profile of graph replays
+    eng.add_request(Request(request_id="b1", prompt_token_ids=prompts[0], sampling_params=sp))
+    for _ in range(4):
+        eng.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
+        for _ in range(10):
+            eng.step()
+        torch.cuda.synchronize()
+    print("batch-1 decode, 10 steps:")
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    eng.abort_requests(["b1"])
+    eng.step()
     # one 4096-token prefill, device profile
     long = [rng.randrange(100, vocab - 100) for _ in range(4096)]
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)

@@ -113,8 +113,21 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    enforce_eager: bool = _f(False, "never use CUDA graphs")
+    enforce_eager: bool = _f(False, "never use CUDA graphs (decode batches otherwise replay captured graphs)")
+    kernel_backend: str = _f(
+        "auto", "kernels for attention, norms, rotary, activation: auto (triton on CUDA, torch on CPU), triton, "
+        "torch (the plain-torch reference kernels)", "--attention-backend", choices=("auto", "triton", "torch"))
+    multi_block_mode: str = _f(
+        "auto", "split long contexts over several thread blocks in decode attention (split-K): auto (by "
+        "heuristic), on, off", choices=("auto", "on", "off"))
+    cuda_graph_max_batch_size: int | None = _f(
+        None, "largest decode batch captured as a CUDA graph (default: max_batch_size, at most 512)")
     log_iteration_stats: bool = _f(False, "log one JSON line of scheduler / KV stats per iteration")
+
+    def __post_init__(self) -> None:
+        if self.cuda_graph_max_batch_size is not None and self.cuda_graph_max_batch_size < 1:
+            raise ConfigError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size}: must be >= 1 "
+                              "(use enforce_eager to turn CUDA graphs off)")
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,

@@ -308,16 +308,27 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _new_param((hidden_size,), dtype, device, default_weight_loader)
+        self.use_triton = False  # set by the model's set_kernel_backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x, residual [..., hidden] -> (norm(x + residual) [..., hidden], x + residual [..., hidden])."""
+        if self.use_triton:
+            from kvflight.kernels import rms_norm as triton_rms_norm
+            return triton_rms_norm.rms_norm(x, self.weight, self.eps, residual)
         return reference.rms_norm(x, self.weight, self.eps, residual)
 
 
 class SiluAndMul(nn.Module):
     """x [..., 2 * I] = [gate | up] -> silu(gate) * up [..., I]."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.use_triton = False  # set by the model's set_kernel_backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            from kvflight.kernels import silu_and_mul as triton_silu_and_mul
+            return triton_silu_and_mul.silu_and_mul(x)
         return reference.silu_and_mul(x)
 
 
@@ -364,7 +375,13 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)  # [max_position, rotary_dim / 2]
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [max_position, rotary_dim] float32
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
+        self.use_triton = False  # set by the model's set_kernel_backend
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int64, q [T, Hq, D] (or [T, Hq * D]), k [T, Hkv, D] -> rotated q, k."""
+        """positions [T] int32/int64, q [T, Hq, D] (or [T, Hq * D]), k [T, Hkv, D] -> rotated q, k.
+
+        The Triton path rotates in place (q and k are fresh projections nobody else reads)."""
+        if self.use_triton:
+            from kvflight.kernels import rotary as triton_rotary
+            return triton_rotary.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim, inplace=True)
         return reference.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)

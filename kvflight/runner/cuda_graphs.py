@@ -3,6 +3,10 @@
 A decode batch (every sequence computes one token) of n sequences replays the graph of the smallest captured size
 >= n; the extra rows are padding (query_len 0, seq_len 0, slot -1: they read and write no KV). The graph covers
 the whole forward and the logits of every row; sampling runs after it, on the same stream.
+
+Small batches whose attention may split long contexts (multi_block_mode) get two graphs per size: one without
+split-K (short contexts: no merge pass, no idle split programs) and one with it; the step's longest context
+picks which one replays.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, sizes: list[int], device: torch.device) -> None:
+    def __init__(self, sizes: list[int], device: torch.device,
+                 split_options: Callable[[int], list[int]] = lambda size: [1]) -> None:
+        """split_options(size): the num_splits values to capture a graph for at this batch size."""
         self.sizes = sorted(sizes)
         self.device = device
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}  # [size, vocab] float32, written by each replay
+        self.split_options = split_options
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, int], torch.Tensor] = {}  # [size, vocab] float32, written by each replay
         self.pool_bytes = 0
         self.capture_seconds = 0.0
 
@@ -45,31 +52,36 @@ class DecodeGraphs:
                 return size
         return None
 
-    def capture(self, prepare: Callable[[int], None], run_forward: Callable[[int], torch.Tensor]) -> None:
+    def capture(self, prepare: Callable[[int], None], run_forward: Callable[[int, int], torch.Tensor]) -> None:
         """prepare(size) fills the persistent inputs with `size` valid decode rows (outside the graph: the copies
-        belong to each step, not to the graph); run_forward(size) runs the model on those inputs and returns
-        logits [size, vocab]; it is called once eagerly (warm-up: compiles kernels) and once under capture."""
+        belong to each step, not to the graph); run_forward(size, num_splits) runs the model on those inputs and
+        returns logits [size, vocab]; it is called once eagerly (warm-up: compiles kernels) and once under
+        capture."""
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         # largest first: later (smaller) graphs reuse the pool's blocks
         for size in sorted(self.sizes, reverse=True):
-            prepare(size)
-            run_forward(size)  # warm-up outside capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = run_forward(size)
-            self._graphs[size] = graph
-            self._logits[size] = logits
+            for splits in self.split_options(size):
+                prepare(size)
+                run_forward(size, splits)  # warm-up outside capture
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = run_forward(size, splits)
+                self._graphs[(size, splits)] = graph
+                self._logits[(size, splits)] = logits
         torch.cuda.synchronize(self.device)
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s, %.2f GiB", len(self.sizes),
+        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s, %.2f GiB", len(self._graphs),
                     self.sizes[0] if self.sizes else 0, self.max_size, self.capture_seconds, self.pool_bytes / 2**30)
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Replay the graph of `size` rows; returns its logits buffer [size, vocab] (valid until the next replay)."""
-        self._graphs[size].replay()
-        return self._logits[size]
+    def replay(self, size: int, want_split: bool = False) -> torch.Tensor:
+        """Replay the graph of `size` rows (the split-K one when want_split and one was captured); returns its
+        logits buffer [size, vocab] (valid until the next replay)."""
+        options = self.split_options(size)
+        splits = max(options) if want_split else min(options)
+        self._graphs[(size, splits)].replay()
+        return self._logits[(size, splits)]

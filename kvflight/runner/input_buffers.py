@@ -11,6 +11,7 @@ runner's one host sync per step — reading the sampled tokens — guarantees th
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,12 +90,16 @@ class InputBuffers:
         if padded_tokens > self.max_num_tokens:
             raise ValueError(f"{padded_tokens} tokens exceed the input buffers' max_num_tokens={self.max_num_tokens}")
         seq_lens = np.asarray(starts, dtype=np.int64) + query_lens  # [S]
-        width = max((len(t) for t in tables), default=1)
+        table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)  # [S]
+        width = max(int(table_lens.max()) if num_seqs else 1, 1)
         if width > self.max_blocks_per_seq:
             raise ValueError(f"a block table of {width} blocks exceeds max_blocks_per_seq={self.max_blocks_per_seq}")
         bt = self.host_block_tables_np
-        for i, t in enumerate(tables):
-            bt[i, :len(t)] = t
+        # all rows at once: flat ids scattered to (row, column)
+        flat_blocks = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
+        table_rows = np.repeat(self._arange[:num_seqs], table_lens)
+        table_cols = np.arange(len(flat_blocks)) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
+        bt[table_rows, table_cols] = flat_blocks
         h = self.host_np
         if total == num_seqs:  # decode-only: one token per sequence
             positions = seq_lens - 1

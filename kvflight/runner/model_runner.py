@@ -81,7 +81,9 @@ class ModelRunner:
         graph_max = 0
         if self.device.type == "cuda" and self.kernel_backend == "triton" and not config.runtime.enforce_eager:
             graph_max = min(sched.max_batch_size, config.runtime.cuda_graph_max_batch_size or 512)
-        self.graphs: DecodeGraphs | None = DecodeGraphs(capture_sizes(graph_max), self.device) if graph_max else None
+        self.graphs: DecodeGraphs | None = None
+        if graph_max:
+            self.graphs = DecodeGraphs(capture_sizes(graph_max), self.device, self._graph_split_options)
         self.buffers = InputBuffers(max(sched.max_num_tokens, graph_max), sched.max_batch_size,
                                     math.ceil(max_seq_len / self.tokens_per_block), self.tokens_per_block,
                                     self.device)
@@ -175,8 +177,24 @@ class ModelRunner:
         self.plan = plan
         self.kv_caches = self._alloc_kv(plan.num_blocks)
         logger.info(plan.describe())
+        if self.device.type == "cuda" and self.kernel_backend == "triton":
+            self._warm_up_kernels()
         if self.graphs is not None:
             self._capture_graphs()
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self) -> None:
+        """Compile the attention kernel's tile variants (picked by the step's longest query) before the first
+        request instead of during it: one tiny forward per variant, all in the scratch block."""
+        scratch_block = self.plan.num_blocks if self.plan else 0
+        for query_len in (1, 2, 4, 8, 16, 32, 64, 256):
+            if query_len > min(self.buffers.max_num_tokens, self.max_seq_len):
+                break
+            tables = [[scratch_block] * math.ceil(query_len / self.tokens_per_block)]
+            inputs = self.buffers.prepare([0], [query_len], tables, [True], [[0] * query_len])
+            meta = self._metadata(inputs, query_len, 1)
+            self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+        torch.cuda.synchronize(self.device)
 
     # ---- CUDA graphs --------------------------------------------------------------------------------------
 
@@ -186,6 +204,15 @@ class ModelRunner:
         from kvflight.kernels.paged_attention import choose_num_splits
         return choose_num_splits(num_seqs, self.arch.num_kv_heads, max_query_len, max_seq_len, self._num_sms,
                                  self.config.runtime.multi_block_mode)
+
+    def _graph_split_options(self, size: int) -> list[int]:
+        """num_splits values to capture at this decode batch size: split-K (sized for any context length) when the
+        heuristic may split, and no split unless multi_block_mode forces it on."""
+        mode = self.config.runtime.multi_block_mode
+        split = self._num_splits(size, 1, None)
+        if split == 1:
+            return [1]
+        return [split] if mode == "on" else [1, split]
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
@@ -200,9 +227,9 @@ class ModelRunner:
             prepared[size] = self.buffers.prepare([0] * size, [1] * size, [[scratch_block]] * size, [True] * size,
                                                   [[0]] * size)
 
-        def run_forward(size: int) -> torch.Tensor:
+        def run_forward(size: int, num_splits: int) -> torch.Tensor:
             inputs = prepared[size]
-            meta = self._metadata(inputs, max_query_len=1, num_splits=self._num_splits(size, 1, None))
+            meta = self._metadata(inputs, max_query_len=1, num_splits=num_splits)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # [size, hidden]
             return self.model.compute_logits(hidden)  # [size, vocab] float32
 
@@ -233,7 +260,8 @@ class ModelRunner:
                                       pad_num_seqs=graph_size)
         rows = [s.request for s in sched if s.do_sample]
         if graph_size is not None:
-            logits = self.graphs.replay(graph_size)  # [graph_size, vocab] float32: row i = sequence i
+            want_split = self._num_splits(graph_size, 1, int(inputs.seq_lens_host.max())) > 1
+            logits = self.graphs.replay(graph_size, want_split)  # [graph_size, vocab] float32: row i = sequence i
             if not rows:
                 return RunnerOutput([], None)
             logits = logits[:num_seqs] if len(rows) == num_seqs else logits.index_select(0, inputs.logits_indices)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the device (issue: server on the GPU): random 1024/128 prompts on the Llama-3.1-8B shape (dummy weights).
+#   1. kvflight serve, 16 req/s Poisson for NUM requests: TTFT / TPOT percentiles (vLLM 0.26.0 here: TTFT p99
+#      111 ms, TPOT p99 15.3 ms);
+#   2. the same server at saturation (rate inf), then the in-process engine on the same requests: throughput ratio.
+#   benchmarks/serve_gpu.sh [NUM_AT_16] [NUM_SATURATED]
+set -u
+N16=${1:-640}
+NSAT=${2:-500}
+PORT=${PORT:-8011}
+MODEL=llama-3.1-8b
+FLAGS="--load-format dummy --max-seq-len 4096"
+DATA="--vocab-size 128256 --input-mean 1024 --input-stdev 0 --output-mean 128 --output-stdev 0 --ignore-eos"
+cli() { python3 -m kvflight.server.cli "$@"; }
+cli serve $MODEL $FLAGS --port $PORT > /tmp/serve.log 2>&1 &
+SERVER=$!
+python3 - "$PORT" <<'PY'
+import sys, time, urllib.request
+for _ in range(600):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2); break
+    except Exception:
+        time.sleep(0.5)
+PY
+echo "== kvflight serve, 16 req/s, $N16 x 1024/128 =="
+cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $N16 \
+  --request-rate 16 --disable-progress --warm-up 8 --seed 1
+echo "== kvflight serve, saturated, $NSAT x 1024/128 =="
+cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $NSAT \
+  --request-rate inf --disable-progress --warm-up 8 --seed 2
+kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
+echo "== in-process engine, saturated, $NSAT x 1024/128 =="
+cli bench serve --backend engine --model $MODEL $FLAGS $DATA --num-requests $NSAT --request-rate inf \
+  --disable-progress --warm-up 8 --seed 2
