@@ -102,8 +102,9 @@ def main() -> int:
         name = "llama-3.1-8b"
         if "memory" in only:
             plan = llm.engine.plan
-            runner = llm.engine.runner
-            graph_bytes = runner.graphs.pool_bytes if runner.graphs is not None else 0
+            graphs = llm.engine.runner.graphs
+            graph_bytes = graphs.pool_bytes if graphs is not None else 0
+            del graphs  # nothing may keep the engine alive past `del llm`
             free_now = torch.cuda.mem_get_info()[0]
             left = plan.kv_cache_bytes + free_now  # what the KV cache could have had after everything else
             table.row(name, "KV capacity", f"{plan.kv_cache_bytes / 2**30:.1f} GiB {plan.kv_capacity_tokens} tok",

@@ -173,7 +173,12 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    """What one iteration computes: running requests first, then newly admitted ones, each in FCFS order."""
+    """What one iteration computes: running requests first, then newly admitted ones, each in FCFS order.
+
+    kv_offloads / kv_loads are host-tier copies the runner executes before the forward: every offload first (they
+    read GPU blocks evicted this iteration, which may be reused below), then every load (it writes GPU blocks that
+    this iteration's requests attend to). Within each list the destinations are distinct.
+    """
 
     scheduled: list[ScheduledRequest]
     num_scheduled_tokens: int
@@ -181,6 +186,8 @@ class SchedulerOutput:
     num_context_requests: int = 0
     num_generation_requests: int = 0
     num_context_tokens: int = 0
+    kv_offloads: list[tuple[int, int]] = field(default_factory=list)  # (gpu_block, host_block): GPU -> host
+    kv_loads: list[tuple[int, int]] = field(default_factory=list)  # (host_block, gpu_block): host -> GPU
 
     @property
     def is_empty(self) -> bool:

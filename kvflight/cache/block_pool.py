@@ -9,12 +9,22 @@ Prefix index. A full block is registered under a chained key `hash_block_tokens(
 only a hint: every entry also stores its token ids and the unique registration id (uid) of its parent entry, and a
 lookup must match both. So a hash collision (two contents under one key) never gives a false hit, even across
 evictions: children registered under an evicted parent keep the dead parent's uid, which no live entry ever has again.
+
+Host tier (num_host_blocks > 0). A registered block evicted by allocate() first moves its entry, uid included, to the
+HostTier and records an offload (gpu_block, host_block); load() puts a host entry back into a freshly allocated GPU
+block under the same uid and records a load (host_block, gpu_block). take_transfers() hands the iteration's copies to
+the scheduler (which puts them in the SchedulerOutput); the runner runs every offload before any load, before the
+forward. That order makes a GPU block evicted and reused as a load destination in one iteration safe, and the host
+tier's locks keep a host block from being both a load source and an offload destination in one iteration.
+A content registered on the GPU that the host already holds takes the host entry's uid, so one content has one uid.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+
+from kvflight.cache.host_tier import HostTier
 
 
 def hash_block_tokens(parent_key: int | None, token_ids: tuple[int, ...]) -> int:
@@ -28,11 +38,18 @@ def hash_block_tokens(parent_key: int | None, token_ids: tuple[int, ...]) -> int
 class BlockPool:
     """Ref-counted block ids with an LRU free list and a collision-safe prefix index."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, num_host_blocks: int = 0) -> None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"BlockPool num_blocks={num_blocks!r}: must be an integer >= 1; give the KV cache "
                              "more memory (kv_cache_bytes / kv_cache_free_gpu_memory_fraction) or smaller blocks")
+        if not isinstance(num_host_blocks, int) or isinstance(num_host_blocks, bool) or num_host_blocks < 0:
+            raise ValueError(f"BlockPool num_host_blocks={num_host_blocks!r}: must be an integer >= 0 "
+                             "(kv_host_cache_bytes // KV bytes per block; 0: no host tier)")
         self.num_blocks: int = num_blocks
+        self.host: HostTier | None = HostTier(num_host_blocks) if num_host_blocks else None
+        # copies of the iteration being scheduled, in the order they were decided
+        self._offloads: list[tuple[int, int]] = []  # (gpu_block, host_block)
+        self._loads: list[tuple[int, int]] = []  # (host_block, gpu_block)
         self._ref_counts: list[int] = [0] * num_blocks
         # OrderedDict as an O(1) doubly linked list: head = next to allocate (least recently freed).
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -46,6 +63,7 @@ class BlockPool:
         # counters (monotonic, for iteration stats)
         self.num_reused_blocks: int = 0  # blocks found in the prefix index by admitted requests
         self.num_missed_blocks: int = 0  # blocks admitted requests had to compute
+        self.num_host_hit_blocks: int = 0  # of num_reused_blocks, those loaded from the host tier
         self.num_evicted_blocks: int = 0  # registered blocks dropped from the index to be reallocated
         self.num_allocated_blocks: int = 0  # blocks handed out by allocate()
 
@@ -156,8 +174,12 @@ class BlockPool:
         if self._block_uid[block_id] is not None:
             raise ValueError(f"BlockPool.register: block {block_id} is already registered under another key; "
                              "a block's content is registered once")
-        uid = self._next_uid
-        self._next_uid += 1
+        host_block = self.host.lookup(key, token_ids, parent_uid) if self.host is not None else None
+        if host_block is not None:  # the host tier knows this content: one content, one uid
+            uid = self.host.uid(host_block)  # type: ignore[union-attr]
+        else:
+            uid = self._next_uid
+            self._next_uid += 1
         self._index[key] = block_id
         self._block_key[block_id] = key
         self._block_token_ids[block_id] = token_ids
@@ -165,21 +187,69 @@ class BlockPool:
         self._block_uid[block_id] = uid
         return uid
 
-    def record_lookup(self, num_reused_blocks: int, num_missed_blocks: int) -> None:
-        """Count an admitted request's prefix-index outcome (called once per admission, not per lookup)."""
+    def register_loaded(self, block_id: int, host_block: int) -> int:
+        """Give a freshly allocated block the content of a locked host block; return that content's uid.
+
+        Records the load (host_block, block_id) for take_transfers(). The block is registered in the prefix index
+        under the host entry's key and uid, unless the key already holds other content on the GPU (a collision),
+        in which case it stays private; either way the returned uid names its content for the block's children.
+        """
+        host = self.host
+        if host is None:
+            raise ValueError("BlockPool.register_loaded: this pool has no host tier (num_host_blocks=0)")
+        if self._ref_counts[block_id] != 1 or self._block_uid[block_id] is not None:
+            raise ValueError(f"BlockPool.register_loaded: block {block_id} has ref count "
+                             f"{self._ref_counts[block_id]} and uid {self._block_uid[block_id]}; a load's destination "
+                             "must be a block just allocated (ref count 1, unregistered)")
+        key, token_ids, parent_uid, uid = host.entry(host_block)
+        host.hit(host_block)
+        if key not in self._index:
+            self._index[key] = block_id
+            self._block_key[block_id] = key
+            self._block_token_ids[block_id] = token_ids
+            self._block_parent_uid[block_id] = parent_uid
+            self._block_uid[block_id] = uid
+        self._loads.append((host_block, block_id))
+        return uid
+
+    def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The iteration's copies, (offloads [(gpu_block, host_block)], loads [(host_block, gpu_block)]); clears them
+        and unlocks the host tier. The runner must run all offloads, then all loads, before the forward."""
+        offloads, loads = self._offloads, self._loads
+        self._offloads, self._loads = [], []
+        if self.host is not None:
+            self.host.unlock_all()
+        return offloads, loads
+
+    def record_lookup(self, num_reused_blocks: int, num_missed_blocks: int, num_host_hit_blocks: int = 0) -> None:
+        """Count an admitted request's prefix-index outcome (called once per admission, not per lookup).
+
+        num_reused_blocks includes the num_host_hit_blocks loaded from the host tier.
+        """
         self.num_reused_blocks += num_reused_blocks
         self.num_missed_blocks += num_missed_blocks
+        self.num_host_hit_blocks += num_host_hit_blocks
 
     def reset_prefix_cache(self) -> None:
-        """Forget every index entry (blocks keep their ref counts; in-use blocks are simply no longer shared)."""
+        """Forget every index entry, the host tier's too (blocks keep their ref counts; in-use blocks are simply no
+        longer shared)."""
         for block_id in self._index.values():
             self._clear_registration(block_id)
         self._index.clear()
+        if self.host is not None:
+            self.host.reset()
 
     def _evict(self, block_id: int) -> None:
         key = self._block_key[block_id]
         if self._index.get(key) == block_id:  # type: ignore[arg-type]
             del self._index[key]  # type: ignore[arg-type]
+        if self.host is not None:
+            # the content keeps its uid on the host; the runner copies the block before anything overwrites it
+            token_ids, parent_uid, uid = (self._block_token_ids[block_id], self._block_parent_uid[block_id],
+                                          self._block_uid[block_id])
+            host_block = self.host.store(key, token_ids, parent_uid, uid)  # type: ignore[arg-type]
+            if host_block is not None:
+                self._offloads.append((block_id, host_block))
         self._clear_registration(block_id)
         self.num_evicted_blocks += 1
 
@@ -220,6 +290,12 @@ class BlockPool:
                 fail(f"index key {key} points to block {block_id} whose stored key is {self._block_key[block_id]}")
         if self._next_uid < len(self._index):
             fail("fewer uids issued than index entries")
+        for host_block, block_id in self._loads:
+            if self._ref_counts[block_id] <= 0:
+                fail(f"block {block_id} is free but is the destination of a pending load from host block "
+                     f"{host_block}")
+        if self.host is not None:
+            self.host.check_integrity()
 
 
 __all__ = ["BlockPool", "hash_block_tokens"]

@@ -1,10 +1,25 @@
-"""KVCacheManager owns every request's block table: prefix matching, slot allocation, block registration, freeing."""
+"""KVCacheManager owns every request's block table: prefix matching, slot allocation, block registration, freeing.
+
+With a host tier, a prefix lookup continues on the host after the GPU prefix index misses; allocate_slots copies those
+host blocks back into fresh GPU blocks (loads) and take_transfers() hands the iteration's offloads and loads to the
+scheduler for its SchedulerOutput.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from kvflight.cache import block_pool as _block_pool_module
 from kvflight.cache.block_pool import BlockPool
 from kvflight.types import Request
+
+
+class PrefixMatch(NamedTuple):
+    """A new request's cached prefix: GPU blocks for its first blocks, then host blocks for the next ones."""
+
+    block_ids: list[int]  # GPU hits, blocks 0..len-1 of the prompt
+    num_computed_tokens: int  # (len(block_ids) + len(host_block_ids)) * tokens_per_block
+    host_block_ids: list[int] = []  # host-tier hits for the blocks that follow; loaded by allocate_slots
 
 
 class _RequestBlocks:
@@ -22,14 +37,17 @@ class _RequestBlocks:
 class KVCacheManager:
     """Maps requests to blocks of a BlockPool; with enable_caching, full blocks are shared by common prefixes."""
 
-    def __init__(self, num_blocks: int, tokens_per_block: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, tokens_per_block: int, enable_caching: bool = True,
+                 num_host_blocks: int = 0) -> None:
+        """num_host_blocks > 0 adds a host tier (only with enable_caching: without reuse nothing is worth keeping)."""
         if not isinstance(tokens_per_block, int) or isinstance(tokens_per_block, bool) or tokens_per_block < 1:
             raise ValueError(f"KVCacheManager tokens_per_block={tokens_per_block!r}: must be an integer >= 1 "
                              "(e.g. 32)")
-        self.pool = BlockPool(num_blocks)
-        self.num_blocks: int = num_blocks
-        self.tokens_per_block: int = tokens_per_block
         self.enable_caching: bool = bool(enable_caching)
+        self.pool = BlockPool(num_blocks, num_host_blocks if self.enable_caching else 0)
+        self.num_blocks: int = num_blocks
+        self.num_host_blocks: int = self.pool.host.num_blocks if self.pool.host is not None else 0
+        self.tokens_per_block: int = tokens_per_block
         self._requests: dict[str, _RequestBlocks] = {}
         # per-request chained keys of full blocks: a pure function of the tokens, so kept until free()
         self._keys: dict[str, list[int]] = {}
@@ -82,46 +100,62 @@ class KVCacheManager:
                 keys.append(parent)
         return keys
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+    def get_computed_blocks(self, request: Request) -> PrefixMatch:
         """Longest cached prefix of full blocks of request.all_token_ids, leaving at least one token to compute.
 
-        Returns (block_ids, num_computed_tokens); takes no references (allocate_slots does). ([], 0) when caching
-        is off.
+        Returns PrefixMatch(block_ids, num_computed_tokens, host_block_ids): GPU hits first; where the GPU index
+        misses, the walk goes on in the host tier (host hits only from there on). Takes no references and changes
+        no LRU order (allocate_slots does). ([], 0, []) when caching is off.
         """
         if not self.enable_caching:
-            return [], 0
+            return PrefixMatch([], 0, [])
         tpb = self.tokens_per_block
         max_blocks = (request.num_tokens - 1) // tpb  # a fully cached prompt drops its last block
         if max_blocks <= 0:
-            return [], 0
+            return PrefixMatch([], 0, [])
         keys = self._block_keys(request, max_blocks)
         pool = self.pool
         tokens = request.all_token_ids
         hits: list[int] = []
         parent_uid: int | None = None
-        for k in range(max_blocks):
+        k = 0
+        while k < max_blocks:
             block_id = pool.lookup(keys[k], tuple(tokens[k * tpb:(k + 1) * tpb]), parent_uid)
             if block_id is None:
                 break
             hits.append(block_id)
             parent_uid = pool.block_uid(block_id)
-        return hits, len(hits) * tpb
+            k += 1
+        host_hits: list[int] = []
+        host = pool.host
+        if host is not None:
+            while k < max_blocks:
+                host_block = host.lookup(keys[k], tuple(tokens[k * tpb:(k + 1) * tpb]), parent_uid)
+                if host_block is None:
+                    break
+                host_hits.append(host_block)
+                parent_uid = host.uid(host_block)
+                k += 1
+        return PrefixMatch(hits, k * tpb, host_hits)
 
     # ------------------------------------------------------------------ allocation
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[int] | None = None) -> list[int] | None:
+    def allocate_slots(self, request: Request, num_new_tokens: int, new_computed_blocks: list[int] | None = None,
+                       new_host_blocks: list[int] | None = None) -> list[int] | None:
         """Grow the request's table to cover its computed tokens plus num_new_tokens; return the new block ids.
 
-        The covered length is max(request.num_computed_tokens, len(new_computed_blocks) * tokens_per_block)
-        + num_new_tokens, so a new request's prefix hits count whether or not the caller has already set
-        num_computed_tokens. new_computed_blocks (from get_computed_blocks) is only for a request without blocks;
-        they get a reference each. Returns None, changing nothing, if the free blocks do not suffice.
+        The covered length is max(request.num_computed_tokens, (len(new_computed_blocks) + len(new_host_blocks))
+        * tokens_per_block) + num_new_tokens, so a new request's prefix hits count whether or not the caller has
+        already set num_computed_tokens. new_computed_blocks and new_host_blocks (a PrefixMatch's block_ids and
+        host_block_ids, from get_computed_blocks in this same iteration) are only for a request without blocks:
+        the GPU hits get a reference each, the host hits get the first new blocks and a load each (the returned
+        list starts with those load destinations). Returns None, changing nothing, if the free blocks do not
+        suffice.
         """
         if num_new_tokens < 0:
             raise ValueError(f"allocate_slots: num_new_tokens={num_new_tokens} must be >= 0")
         blocks = self._requests.get(request.request_id)
         num_table_blocks = len(blocks.block_ids) if blocks is not None else 0
-        if not new_computed_blocks:
+        if not new_computed_blocks and not new_host_blocks:
             # fast path (every decode step): usually nothing to allocate
             num_needed = -(-(request.num_computed_tokens + num_new_tokens) // self.tokens_per_block) \
                 - num_table_blocks
@@ -139,23 +173,36 @@ class KVCacheManager:
 
         if num_table_blocks:
             raise ValueError(f"allocate_slots: request {request.request_id!r} already holds {num_table_blocks} "
-                             "blocks; new_computed_blocks is only for a request being admitted without blocks")
-        num_prefix_blocks = len(new_computed_blocks)
+                             "blocks; new_computed_blocks / new_host_blocks are only for a request being admitted "
+                             "without blocks")
+        new_computed_blocks = new_computed_blocks or []
+        new_host_blocks = new_host_blocks or []
+        pool = self.pool
+        host = pool.host
+        if new_host_blocks and host is None:
+            raise ValueError("allocate_slots: new_host_blocks given but this KVCacheManager has no host tier "
+                             "(num_host_blocks=0); pass the host_block_ids get_computed_blocks returned")
+        num_prefix_blocks = len(new_computed_blocks) + len(new_host_blocks)
         num_covered_tokens = max(request.num_computed_tokens, num_prefix_blocks * self.tokens_per_block) \
             + num_new_tokens
-        num_needed = max(0, self.num_blocks_needed(num_covered_tokens) - num_prefix_blocks)
-        pool = self.pool
+        num_needed = max(len(new_host_blocks),
+                         self.num_blocks_needed(num_covered_tokens) - len(new_computed_blocks))
         if num_needed + pool.num_free_among(new_computed_blocks) > pool.num_free_blocks:
             return None
+        blocks = self._new_request_blocks(request, new_computed_blocks, len(new_host_blocks))
         pool.touch(new_computed_blocks)  # before allocate(): touched blocks must not be evicted by it
-        blocks = self._new_request_blocks(request, new_computed_blocks)
+        for host_block in new_host_blocks:  # before allocate(): its offloads must not overwrite a load's source
+            host.lock(host_block)  # type: ignore[union-attr]
         new_blocks = pool.allocate(num_needed)
+        for host_block, block_id in zip(new_host_blocks, new_blocks):
+            blocks.block_uids.append(pool.register_loaded(block_id, host_block))
         blocks.block_ids.extend(new_blocks)
         return new_blocks
 
-    def _new_request_blocks(self, request: Request, computed_blocks: list[int]) -> _RequestBlocks:
+    def _new_request_blocks(self, request: Request, computed_blocks: list[int],
+                            num_host_hit_blocks: int = 0) -> _RequestBlocks:
+        """Start the request's table with its GPU prefix hits and count its lookup outcome."""
         blocks = _RequestBlocks()
-        blocks.block_ids.extend(computed_blocks)
         pool = self.pool
         for block_id in computed_blocks:
             uid = pool.block_uid(block_id)
@@ -163,9 +210,11 @@ class KVCacheManager:
                 raise ValueError(f"allocate_slots: computed block {block_id} is not in the prefix index; pass the "
                                  "block ids get_computed_blocks returned in this same step")
             blocks.block_uids.append(uid)
+        blocks.block_ids.extend(computed_blocks)
         self._requests[request.request_id] = blocks
-        num_missed = max(0, self.num_blocks_needed(request.num_tokens) - len(computed_blocks))
-        pool.record_lookup(len(computed_blocks), num_missed)
+        num_reused = len(computed_blocks) + num_host_hit_blocks
+        num_missed = max(0, self.num_blocks_needed(request.num_tokens) - num_reused)
+        pool.record_lookup(num_reused, num_missed, num_host_hit_blocks)
         return blocks
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
@@ -199,6 +248,14 @@ class KVCacheManager:
         if blocks is not None:
             self.pool.free(reversed(blocks.block_ids))
 
+    def take_transfers(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The iteration's host-tier copies: (offloads [(gpu_block, host_block)], loads [(host_block, gpu_block)]).
+
+        Call once per iteration after the last allocation (the scheduler does, at the end of schedule()); the runner
+        must execute every offload, then every load, before the forward.
+        """
+        return self.pool.take_transfers()
+
     def reset_prefix_cache(self) -> None:
         """Drop every prefix-index entry (e.g. after weights change). Running requests keep their blocks."""
         self.pool.reset_prefix_cache()
@@ -207,7 +264,9 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ stats / checks
     def stats(self) -> dict[str, int | float]:
+        """Sizes and monotonic counters. reused_blocks counts GPU and host-tier hits; host_hit_blocks the latter."""
         pool = self.pool
+        host = pool.host
         looked_up = pool.num_reused_blocks + pool.num_missed_blocks
         return {
             "max_num_blocks": self.num_blocks,
@@ -220,6 +279,12 @@ class KVCacheManager:
             "missed_blocks": pool.num_missed_blocks,
             "evicted_blocks": pool.num_evicted_blocks,
             "cache_hit_rate": pool.num_reused_blocks / looked_up if looked_up else 0.0,
+            "host_hit_blocks": pool.num_host_hit_blocks,
+            "host_max_num_blocks": self.num_host_blocks,
+            "host_cached_blocks": host.num_cached_blocks if host is not None else 0,
+            "offloaded_blocks": host.num_stored_blocks if host is not None else 0,
+            "host_evicted_blocks": host.num_evicted_blocks if host is not None else 0,
+            "host_dropped_blocks": host.num_dropped_blocks if host is not None else 0,
         }
 
     def check_integrity(self) -> None:

@@ -54,15 +54,36 @@ class Engine:
         t0 = time.perf_counter()
         self.runner = ModelRunner(config, self.resolved, self.arch, self.max_seq_len)
         plan = self.runner.plan_kv_cache()
-        self.runner.allocate_kv_cache(plan)
         self.plan = plan
-        self.kv = KVCacheManager(plan.num_blocks, config.cache.tokens_per_block, config.cache.enable_kv_cache_reuse)
+        self.num_host_blocks = self._num_host_blocks(plan.kv_bytes_per_block)
+        # the runner allocates the pinned host blocks and runs each SchedulerOutput's kv_offloads / kv_loads
+        self.runner.allocate_kv_cache(plan, num_host_blocks=self.num_host_blocks)
+        self.kv = KVCacheManager(plan.num_blocks, config.cache.tokens_per_block, config.cache.enable_kv_cache_reuse,
+                                 num_host_blocks=self.num_host_blocks)
         self.scheduler = Scheduler(sched, self.kv, self.max_seq_len)
         self.iteration = 0
         logger.info("engine ready in %.1f s: %s, %s on %s, max_seq_len=%d, max_input_len=%d, max_batch_size=%d, "
                     "max_num_tokens=%d, policy=%s", time.perf_counter() - t0, self.resolved.name,
                     str(self.runner.dtype).removeprefix("torch."), self.runner.device, self.max_seq_len,
                     self.max_input_len, sched.max_batch_size, sched.max_num_tokens, sched.batch_scheduler_policy)
+
+    def _num_host_blocks(self, kv_bytes_per_block: int) -> int:
+        """Host-tier blocks: kv_host_cache_bytes // KV bytes per block (0 without reuse: nothing would hit them)."""
+        cache = self.config.cache
+        if not cache.kv_host_cache_bytes:
+            return 0
+        if not cache.enable_kv_cache_reuse:
+            logger.warning("kv_host_cache_bytes=%d is ignored: enable_kv_cache_reuse is off",
+                           cache.kv_host_cache_bytes)
+            return 0
+        num_host_blocks = cache.kv_host_cache_bytes // kv_bytes_per_block
+        if num_host_blocks < 1:
+            raise ConfigError(f"kv_host_cache_bytes={cache.kv_host_cache_bytes} holds no KV block "
+                              f"({kv_bytes_per_block} bytes each); raise it to at least {kv_bytes_per_block} or set "
+                              "it to 0")
+        logger.info("host KV tier: %d blocks x %.1f KiB = %.2f GiB pinned", num_host_blocks,
+                    kv_bytes_per_block / 1024, num_host_blocks * kv_bytes_per_block / 2**30)
+        return num_host_blocks
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -156,6 +177,12 @@ class Engine:
             "Reused KV cache blocks": s["reused_blocks"],
             "Missed KV cache blocks": s["missed_blocks"],
             "KV cache hit rate": round(s["cache_hit_rate"], 4),
+            "Max host KV cache blocks": s["host_max_num_blocks"],
+            "Cached host KV cache blocks": s["host_cached_blocks"],
+            "Host KV cache hits": s["host_hit_blocks"],
+            "Offloaded KV cache blocks": s["offloaded_blocks"],
+            "KV blocks offloaded this iteration": s["num_kv_offloads"],
+            "KV blocks loaded this iteration": s["num_kv_loads"],
             "Preempted Requests": s["num_preempted_requests"],
             "Total Preemptions": s["num_preemptions_total"],
             "Runtime GPU Memory Usage": gpu_bytes,

@@ -37,7 +37,7 @@ class DecodeGraphs:
         self.device = device
         self.split_options = split_options
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._logits: dict[tuple[int, int], torch.Tensor] = {}  # [size, vocab] float32, written by each replay
+        self._logits: torch.Tensor | None = None  # [max_size, vocab] float32: every graph writes its rows here
         self.pool_bytes = 0
         self.capture_seconds = 0.0
 
@@ -55,23 +55,28 @@ class DecodeGraphs:
     def capture(self, prepare: Callable[[int], None], run_forward: Callable[[int, int], torch.Tensor]) -> None:
         """prepare(size) fills the persistent inputs with `size` valid decode rows (outside the graph: the copies
         belong to each step, not to the graph); run_forward(size, num_splits) runs the model on those inputs and
-        returns logits [size, vocab]; it is called once eagerly (warm-up: compiles kernels) and once under
-        capture."""
+        returns logits [size, vocab] in any float dtype (the graph casts them into its float32 output buffer); it is
+        called once eagerly (warm-up: compiles kernels) and once under capture."""
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0]
+        logits_buffer: list[torch.Tensor] = []
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         # largest first: later (smaller) graphs reuse the pool's blocks
         for size in sorted(self.sizes, reverse=True):
             for splits in self.split_options(size):
                 prepare(size)
-                run_forward(size, splits)  # warm-up outside capture
+                logits = run_forward(size, splits)  # warm-up outside capture
+                if not logits_buffer:  # one output buffer for all graphs (outputs kept per graph would add up)
+                    logits_buffer.append(torch.empty((self.max_size, logits.shape[1]), dtype=torch.float32,
+                                                     device=self.device))
+                del logits
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = run_forward(size, splits)
+                    logits_buffer[0][:size].copy_(run_forward(size, splits))
                 self._graphs[(size, splits)] = graph
-                self._logits[(size, splits)] = logits
+        self._logits = logits_buffer[0] if logits_buffer else None
         torch.cuda.synchronize(self.device)
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
         self.capture_seconds = time.perf_counter() - start
@@ -84,4 +89,5 @@ class DecodeGraphs:
         options = self.split_options(size)
         splits = max(options) if want_split else min(options)
         self._graphs[(size, splits)].replay()
-        return self._logits[(size, splits)]
+        assert self._logits is not None
+        return self._logits[:size]

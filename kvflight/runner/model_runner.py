@@ -15,6 +15,7 @@ from kvflight.model.attention import AttentionMetadata
 from kvflight.model.loader import ResolvedModel, load_model, resolve_device, resolve_dtype
 from kvflight.runner.cuda_graphs import DecodeGraphs, capture_sizes
 from kvflight.runner.input_buffers import InputBuffers, StepInputs
+from kvflight.runner.kv_offload import KVOffloader
 from kvflight.runner.sampler import Sampler, to_token_logprobs
 from kvflight.types import SchedulerOutput, TokenLogprobs
 
@@ -76,6 +77,7 @@ class ModelRunner:
             p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(self.device, seed=config.model.seed)
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_offloader: KVOffloader | None = None
         self.plan: MemoryPlan | None = None
         sched = config.scheduler
         graph_max = 0
@@ -173,9 +175,12 @@ class ModelRunner:
         count = a.num_layers if num_tensors is None else num_tensors
         return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(count)]
 
-    def allocate_kv_cache(self, plan: MemoryPlan) -> None:
+    def allocate_kv_cache(self, plan: MemoryPlan, num_host_blocks: int = 0) -> None:
+        """The device KV pool, the host tier (num_host_blocks pinned blocks; 0 = none), then kernel warm-up and
+        CUDA graphs (both need the pool)."""
         self.plan = plan
         self.kv_caches = self._alloc_kv(plan.num_blocks)
+        self.kv_offloader = KVOffloader(self.kv_caches, num_host_blocks)
         logger.info(plan.describe())
         if self.device.type == "cuda" and self.kernel_backend == "triton":
             self._warm_up_kernels()
@@ -231,7 +236,7 @@ class ModelRunner:
             inputs = prepared[size]
             meta = self._metadata(inputs, max_query_len=1, num_splits=num_splits)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # [size, hidden]
-            return self.model.compute_logits(hidden)  # [size, vocab] float32
+            return self.model.lm_head.compute_logits(hidden)  # [size, vocab] model dtype (cast by the graph's copy)
 
         self.graphs.capture(prepare, run_forward)
 
@@ -250,6 +255,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        # host-tier copies first (offloads, then loads), on the stream the forward runs on
+        if out.kv_offloads or out.kv_loads:
+            self.kv_offloader.apply(out.kv_offloads, out.kv_loads)
         sched = out.scheduled
         num_seqs = len(sched)
         num_new = [s.num_new_tokens for s in sched]

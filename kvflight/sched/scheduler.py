@@ -49,7 +49,8 @@ class Scheduler:
         # ScheduledRequest alive into older GC generations and make full collections slow)
         self._last_counts: dict[str, int] = dict.fromkeys(
             ("num_scheduled_requests", "num_context_requests", "num_gen_requests", "num_paused_requests",
-             "num_ctx_tokens", "num_scheduled_tokens", "num_preempted_requests"), 0)
+             "num_ctx_tokens", "num_scheduled_tokens", "num_preempted_requests", "num_kv_offloads",
+             "num_kv_loads"), 0)
 
     # ------------------------------------------------------------------ queues
     @property
@@ -200,17 +201,18 @@ class Scheduler:
             num_reserved_blocks = self._num_running_worst_blocks - self._num_running_table_blocks
             while waiting and len(scheduled) < max_batch_size and num_budget_tokens > 0:
                 req = waiting[0]
-                computed_blocks, num_prefix_tokens = kv.get_computed_blocks(req)
+                computed_blocks, num_prefix_tokens, host_blocks = kv.get_computed_blocks(req)
                 num_tokens = req.num_tokens
                 num_new = self._chunk(num_tokens - num_prefix_tokens, num_budget_tokens)
                 if num_new == 0:
                     break
                 num_worst_blocks = kv.num_blocks_needed(self._final_len(req))
                 if no_evict:  # its worst case plus every running request's must fit in the free blocks
+                    # (host hits need fresh blocks like the rest: they are in num_worst_blocks - GPU hits)
                     num_cost_blocks = num_worst_blocks - len(computed_blocks) + kv.num_free_among(computed_blocks)
                     if num_cost_blocks + num_reserved_blocks > kv.num_free_blocks:
                         break
-                new_blocks = kv.allocate_slots(req, num_new, computed_blocks)
+                new_blocks = kv.allocate_slots(req, num_new, computed_blocks, host_blocks)
                 if new_blocks is None:
                     break
                 num_table_blocks = kv.get_num_blocks(req.request_id)
@@ -235,6 +237,8 @@ class Scheduler:
         # 3. the model computes these tokens this iteration
         for sr in scheduled:
             sr.request.num_computed_tokens = sr.start_pos + sr.num_new_tokens
+        # host-tier copies decided by this iteration's allocations (empty without a host tier)
+        kv_offloads, kv_loads = kv.take_transfers()
 
         output = SchedulerOutput(
             scheduled=scheduled,
@@ -243,6 +247,8 @@ class Scheduler:
             num_context_requests=num_context_requests,
             num_generation_requests=len(scheduled) - num_context_requests,
             num_context_tokens=num_context_tokens,
+            kv_offloads=kv_offloads,
+            kv_loads=kv_loads,
         )
         self._iteration += 1
         counts = self._last_counts
@@ -253,6 +259,8 @@ class Scheduler:
         counts["num_ctx_tokens"] = num_context_tokens
         counts["num_scheduled_tokens"] = output.num_scheduled_tokens
         counts["num_preempted_requests"] = len(preempted_ids)
+        counts["num_kv_offloads"] = len(kv_offloads)
+        counts["num_kv_loads"] = len(kv_loads)
         return output
 
     def _insert_running(self, req: Request) -> None:

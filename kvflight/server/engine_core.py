@@ -85,6 +85,10 @@ class EngineStats:
     num_cached_blocks: int = 0
     prefix_reused_blocks: int = 0  # cumulative
     prefix_missed_blocks: int = 0  # cumulative
+    prefix_host_hit_blocks: int = 0  # cumulative: of prefix_reused_blocks, those loaded from the host tier
+    kv_offloaded_blocks: int = 0  # cumulative: blocks copied from the GPU to the host tier
+    num_host_blocks: int = 0
+    num_host_cached_blocks: int = 0
     num_preemptions_total: int = 0
     num_iterations: int = 0
 
@@ -116,6 +120,9 @@ def engine_stats(engine: Any) -> EngineStats:
         num_free_blocks=int(engine.kv.num_free_blocks), num_used_blocks=int(engine.kv.num_used_blocks),
         num_cached_blocks=int(s.get("cached_blocks", 0)), prefix_reused_blocks=int(s.get("reused_blocks", 0)),
         prefix_missed_blocks=int(s.get("missed_blocks", 0)),
+        prefix_host_hit_blocks=int(s.get("host_hit_blocks", 0)),
+        kv_offloaded_blocks=int(s.get("offloaded_blocks", 0)), num_host_blocks=int(s.get("host_max_num_blocks", 0)),
+        num_host_cached_blocks=int(s.get("host_cached_blocks", 0)),
         num_preemptions_total=int(s.get("num_preemptions_total", 0)), num_iterations=int(engine.iteration))
 
 

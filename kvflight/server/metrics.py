@@ -44,7 +44,16 @@ class ServerMetrics:
         self.kv_usage = gauge("kvflight:kv_cache_usage_perc", "Fraction of KV blocks held by requests (0-1)")
         self.prefix_hit_rate = gauge("kvflight:prefix_cache_hit_rate", "Reused / looked-up prompt blocks (0-1)")
         self.prefix_queries = counter("kvflight:prefix_cache_queries", "Prompt blocks looked up in the prefix cache")
-        self.prefix_hits = counter("kvflight:prefix_cache_hits", "Prompt blocks found in the prefix cache")
+        self.prefix_hits = counter("kvflight:prefix_cache_hits", "Prompt blocks found in the prefix cache "
+                                   "(GPU or host tier)")
+        self.prefix_host_hits = counter("kvflight:prefix_cache_host_hits", "Prompt blocks found in the host tier "
+                                        "and copied back to the GPU instead of recomputed")
+        self.prefix_host_hit_rate = gauge("kvflight:prefix_cache_host_hit_rate",
+                                          "Host-tier hits / looked-up prompt blocks (0-1)")
+        self.kv_offloads = counter("kvflight:kv_cache_offloaded_blocks", "KV blocks copied from the GPU to the "
+                                   "host tier when evicted")
+        self.host_kv_usage = gauge("kvflight:host_kv_cache_usage_perc", "Fraction of host-tier KV blocks holding "
+                                   "an evicted block (0-1)")
         self.preemptions = counter("kvflight:num_preemptions", "Requests preempted (KV freed, recomputed later)")
         self.prompt_tokens = counter("kvflight:prompt_tokens", "Prompt tokens of requests that produced a token")
         self.generation_tokens = counter("kvflight:generation_tokens", "Generated tokens")
@@ -58,12 +67,18 @@ class ServerMetrics:
         self.kv_usage.set(s.kv_usage)
         looked_up = s.prefix_reused_blocks + s.prefix_missed_blocks
         self.prefix_hit_rate.set(s.prefix_reused_blocks / looked_up if looked_up else 0.0)
+        self.prefix_host_hit_rate.set(s.prefix_host_hit_blocks / looked_up if looked_up else 0.0)
+        self.host_kv_usage.set(s.num_host_cached_blocks / s.num_host_blocks if s.num_host_blocks else 0.0)
         last = self._last
         queries = looked_up - (last.prefix_reused_blocks + last.prefix_missed_blocks)
         if queries > 0:
             self.prefix_queries.inc(queries)
         if s.prefix_reused_blocks > last.prefix_reused_blocks:
             self.prefix_hits.inc(s.prefix_reused_blocks - last.prefix_reused_blocks)
+        if s.prefix_host_hit_blocks > last.prefix_host_hit_blocks:
+            self.prefix_host_hits.inc(s.prefix_host_hit_blocks - last.prefix_host_hit_blocks)
+        if s.kv_offloaded_blocks > last.kv_offloaded_blocks:
+            self.kv_offloads.inc(s.kv_offloaded_blocks - last.kv_offloaded_blocks)
         if s.num_preemptions_total > last.num_preemptions_total:
             self.preemptions.inc(s.num_preemptions_total - last.num_preemptions_total)
         self._last = s

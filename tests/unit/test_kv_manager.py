@@ -18,7 +18,7 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int = 8) -> Req
 
 def admit(kv: KVCacheManager, req: Request) -> list[int]:
     """What the scheduler does for a new request whose whole remaining prompt fits: match, allocate, compute."""
-    hits, num_cached = kv.get_computed_blocks(req)
+    hits, num_cached, _ = kv.get_computed_blocks(req)
     new = kv.allocate_slots(req, req.num_tokens - num_cached, hits)
     assert new is not None
     req.num_computed_tokens = req.num_tokens
@@ -39,7 +39,7 @@ def test_caching_off_never_matches() -> None:
     a = make_request("a", list(range(1, 10)))
     assert admit(kv, a) == [0, 1, 2]
     b = make_request("b", list(range(1, 10)))
-    assert kv.get_computed_blocks(b) == ([], 0)
+    assert kv.get_computed_blocks(b) == ([], 0, [])
     assert admit(kv, b) == [3, 4, 5]
     assert kv.stats()["cached_blocks"] == 0
     kv.free(a)
@@ -54,7 +54,7 @@ def test_prefix_sharing_two_requests_share_two_blocks() -> None:
     a = make_request("a", common + [1, 2, 3])
     assert admit(kv, a) == [0, 1, 2]
     b = make_request("b", common + [7, 7])
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, num_cached, _ = kv.get_computed_blocks(b)
     assert (hits, num_cached) == ([0, 1], 8)
     assert kv.allocate_slots(b, b.num_tokens - num_cached, hits) == [3]
     assert kv.get_block_ids("b") == [0, 1, 3]
@@ -74,11 +74,11 @@ def test_fully_cached_prompt_leaves_one_token_to_compute() -> None:
     a = make_request("a", list(range(1, 9)))  # exactly two blocks
     admit(kv, a)
     same = make_request("same", list(range(1, 9)))
-    assert kv.get_computed_blocks(same) == ([0], 4)  # the last block is dropped: 4 tokens left to compute
+    assert kv.get_computed_blocks(same) == ([0], 4, [])  # the last block is dropped: 4 tokens left to compute
     longer = make_request("longer", list(range(1, 10)))
-    assert kv.get_computed_blocks(longer) == ([0, 1], 8)
+    assert kv.get_computed_blocks(longer) == ([0, 1], 8, [])
     one = make_request("one", [1])
-    assert kv.get_computed_blocks(one) == ([], 0)
+    assert kv.get_computed_blocks(one) == ([], 0, [])
 
 
 def test_allocate_slots_counts_touched_free_blocks() -> None:
@@ -89,7 +89,7 @@ def test_allocate_slots_counts_touched_free_blocks() -> None:
     hog = make_request("hog", [99])
     assert kv.allocate_slots(hog, 1) == [2]  # free list: 3, 1, 0
     b = make_request("b", list(range(1, 9)) + [5, 6, 7, 8, 9])  # hits [0, 1], needs 2 more blocks
-    hits, num_cached = kv.get_computed_blocks(b)
+    hits, num_cached, _ = kv.get_computed_blocks(b)
     assert (hits, num_cached) == ([0, 1], 8)
     # 2 new + 2 touched free hits = 4 > 3 free: refused, nothing changed
     assert kv.allocate_slots(b, b.num_tokens - num_cached, hits) is None
@@ -97,7 +97,7 @@ def test_allocate_slots_counts_touched_free_blocks() -> None:
     assert kv.pool.free_block_ids() == [3, 1, 0]
     kv.check_integrity()
     c = make_request("c", list(range(1, 9)) + [5])  # hits [0, 1], needs 1 more: 1 + 2 = 3 fits exactly
-    hits, num_cached = kv.get_computed_blocks(c)
+    hits, num_cached, _ = kv.get_computed_blocks(c)
     assert kv.allocate_slots(c, c.num_tokens - num_cached, hits) == [3]
     assert kv.get_block_ids("c") == [0, 1, 3]
     assert kv.num_free_blocks == 0
@@ -132,7 +132,7 @@ def test_cache_blocks_is_incremental_and_registers_decode_blocks() -> None:
         kv.cache_blocks(r, r.num_computed_tokens)
     assert r.num_computed_tokens == 9 and kv.stats()["cached_blocks"] == 2
     other = make_request("o", [1, 2, 3, 4, 5, 6, 7, 8, 100])
-    assert kv.get_computed_blocks(other) == ([0, 1], 8)
+    assert kv.get_computed_blocks(other) == ([0, 1], 8, [])
 
 
 def test_lru_eviction_order_of_cached_blocks() -> None:
@@ -152,12 +152,12 @@ def test_lru_eviction_order_of_cached_blocks() -> None:
     assert kv.allocate_slots(y, 1) == [2]
     assert kv.stats()["evicted_blocks"] == 1
     a2 = make_request("a2", list(range(1, 13)) + [51])
-    assert kv.get_computed_blocks(a2) == ([0, 1], 8)  # block 2 (a's third block) is gone, 0 and 1 remain
+    assert kv.get_computed_blocks(a2) == ([0, 1], 8, [])  # block 2 (a's third block) is gone, 0 and 1 remain
     z = make_request("z", [202])
     assert kv.allocate_slots(z, 1) == [1]
-    assert kv.get_computed_blocks(a2) == ([0], 4)
+    assert kv.get_computed_blocks(a2) == ([0], 4, [])
     b2 = make_request("b2", list(range(101, 105)) + [61])
-    assert kv.get_computed_blocks(b2) == ([4], 4)  # b freed later, so it outlives a's blocks
+    assert kv.get_computed_blocks(b2) == ([4], 4, [])  # b freed later, so it outlives a's blocks
     assert kv.stats()["evicted_blocks"] == 2
     for r in (x, y, z):
         kv.free(r)
@@ -171,7 +171,7 @@ def test_duplicate_computation_registers_once_and_chains_on() -> None:
     a, b = make_request("a", prompt), make_request("b", prompt)
     # both admitted in the same step, before either registered: both compute the prompt
     for r in (a, b):
-        assert kv.get_computed_blocks(r) == ([], 0)
+        assert kv.get_computed_blocks(r) == ([], 0, [])
         kv.allocate_slots(r, r.num_tokens)
         r.num_computed_tokens = r.num_tokens
     for r in (a, b):
@@ -186,7 +186,7 @@ def test_duplicate_computation_registers_once_and_chains_on() -> None:
     kv.cache_blocks(b, b.num_computed_tokens)
     assert kv.stats()["cached_blocks"] == 3
     c = make_request("c", list(range(1, 13)) + [0])
-    assert kv.get_computed_blocks(c) == ([0, 1, 5], 12)
+    assert kv.get_computed_blocks(c) == ([0, 1, 5], 12, [])
     kv.free(a)
     kv.free(b)
     kv.check_integrity()
@@ -199,10 +199,10 @@ def test_forced_hash_collision_gives_no_false_hit(monkeypatch: pytest.MonkeyPatc
     admit(kv, a)
     assert kv.stats()["cached_blocks"] == 1  # a's second block collides with its first: not registered
     b = make_request("b", [5, 6, 7, 8, 1, 2, 3, 4, 9])  # same key for every block, other tokens
-    assert kv.get_computed_blocks(b) == ([], 0)
+    assert kv.get_computed_blocks(b) == ([], 0, [])
     admit(kv, b)
     a2 = make_request("a2", [1, 2, 3, 4, 5, 6, 7, 8, 9])
-    assert kv.get_computed_blocks(a2) == ([0], 4)  # the true hit still works
+    assert kv.get_computed_blocks(a2) == ([0], 4, [])  # the true hit still works
     for r in (a, b):
         kv.free(r)
     kv.check_integrity()
@@ -218,11 +218,11 @@ def test_collision_across_eviction_checks_the_parent(monkeypatch: pytest.MonkeyP
     kv.free(a)  # free list 2, 1, 0
     kv.pool.touch([1])  # keep a's child (5,5) cached and in use, as if another request held it
     b = make_request("b", [2, 1, 7])  # (2,1) collides with (1,2)
-    assert kv.get_computed_blocks(b) == ([], 0)
+    assert kv.get_computed_blocks(b) == ([], 0, [])
     assert admit(kv, b) == [2, 0]  # evicts a's (1,2), then registers (2,1) under the same key
     assert kv.stats()["evicted_blocks"] == 1
     c = make_request("c", [2, 1, 5, 5, 0])  # (2,1) hits b's block; (5,5)'s key matches a's child ...
-    assert kv.get_computed_blocks(c) == ([2], 2)  # ... but that child's parent is a's evicted block: no hit
+    assert kv.get_computed_blocks(c) == ([2], 2, [])  # ... but that child's parent is a's evicted block: no hit
     kv.free(b)
     kv.pool.free([1])
     assert kv.num_free_blocks == 3

@@ -25,8 +25,8 @@ def make_request(request_id: str, prompt: list[int], max_tokens: int = 4, **samp
 
 
 def make_scheduler(num_blocks: int, tokens_per_block: int = 4, caching: bool = True, max_seq_len: int = 64,
-                   **config: object) -> Scheduler:
-    kv = KVCacheManager(num_blocks, tokens_per_block, caching)
+                   num_host_blocks: int = 0, **config: object) -> Scheduler:
+    kv = KVCacheManager(num_blocks, tokens_per_block, caching, num_host_blocks=num_host_blocks)
     return Scheduler(SchedulerConfig(**config), kv, max_seq_len)  # type: ignore[arg-type]
 
 
@@ -367,7 +367,8 @@ class Arrival:
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> dict:
+def scenarios(draw: st.DrawFn, host_tier: bool = False) -> dict:
+    """Random arrivals, budgets and policies; host_tier=True: caching on, a host tier, few GPU blocks to spare."""
     tpb = draw(st.sampled_from([1, 2, 4]))
     max_seq_len = draw(st.integers(4, 24))
     vocab = draw(st.sampled_from([3, 1000]))  # a tiny vocabulary makes shared and duplicate blocks common
@@ -379,14 +380,20 @@ def scenarios(draw: st.DrawFn) -> dict:
         tail = draw(st.lists(st.integers(1, vocab), min_size=prompt_len - num_shared,
                              max_size=prompt_len - num_shared))
         arrivals.append(Arrival(draw(st.integers(0, 12)), shared[:num_shared] + tail, draw(st.integers(1, 10))))
+    # later returns of earlier prompts (another last token): hits on blocks that may have been evicted meanwhile
+    for _ in range(draw(st.integers(0, 3))):
+        earlier = arrivals[draw(st.integers(0, len(arrivals) - 1))]
+        arrivals.append(Arrival(earlier.step + draw(st.integers(4, 30)), earlier.prompt[:-1] + [vocab + 1],
+                                draw(st.integers(1, 10))))
     worst = max(-(-min(len(a.prompt) + a.max_tokens, max_seq_len) // tpb) for a in arrivals)
     return {
         "tpb": tpb, "max_seq_len": max_seq_len, "arrivals": arrivals,
-        "num_blocks": worst + draw(st.sampled_from([0, 0, 1, 2, 4, 8])),
+        "num_blocks": worst + draw(st.sampled_from([0, 0, 1, 2] if host_tier else [0, 0, 1, 2, 4, 8])),
         "policy": draw(st.sampled_from(["max_utilization", "guaranteed_no_evict"])),
-        "chunked": draw(st.booleans()), "caching": draw(st.booleans()),
+        "chunked": draw(st.booleans()), "caching": host_tier or draw(st.booleans()),
         "max_batch_size": draw(st.integers(1, 4)), "max_num_tokens": draw(st.integers(1, 12)),
         "weak_hash": draw(st.booleans()),
+        "host_blocks": draw(st.sampled_from([1, 2, 4, 16] if host_tier else [0, 0, 0, 1, 4, 16])),
         "aborts": draw(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), st.booleans()), max_size=2)),
     }
 
@@ -394,7 +401,8 @@ def scenarios(draw: st.DrawFn) -> dict:
 def simulate(sc: dict) -> None:
     tpb = sc["tpb"]
     sched = make_scheduler(sc["num_blocks"], tokens_per_block=tpb, caching=sc["caching"],
-                           max_seq_len=sc["max_seq_len"], max_batch_size=sc["max_batch_size"],
+                           max_seq_len=sc["max_seq_len"], num_host_blocks=sc["host_blocks"],
+                           max_batch_size=sc["max_batch_size"],
                            max_num_tokens=sc["max_num_tokens"], batch_scheduler_policy=sc["policy"],
                            enable_chunked_context=sc["chunked"])
     kv = sched.kv
@@ -402,8 +410,10 @@ def simulate(sc: dict) -> None:
     reqs: list[Request] = []
     order: dict[str, int] = {}
     aborted: set[str] = set()
-    # a fake KV cache: the token whose K/V each block slot holds; checks what every step attends to
-    kv_store: dict[int, list[int | None]] = {b: [None] * tpb for b in range(kv.num_blocks)}
+    # a fake KV cache: each block slot holds the token ids its K/V depends on (the sequence up to that position);
+    # checks what every step attends to. host_store: the same for the host tier's blocks.
+    kv_store: dict[int, list[tuple[int, ...] | None]] = {b: [None] * tpb for b in range(kv.num_blocks)}
+    host_store: dict[int, list[tuple[int, ...] | None]] = {b: [None] * tpb for b in range(sc["host_blocks"])}
     n = 0
     while n <= max(a.step for a in arrivals) or sched.has_unfinished_requests():
         for i, a in enumerate(arrivals):
@@ -429,6 +439,20 @@ def simulate(sc: dict) -> None:
         assert ids[num_old:] == waiting_before[:len(ids) - num_old]
         assert out.num_context_requests + out.num_generation_requests == len(out.scheduled)
         assert out.num_context_tokens == sum(s.num_new_tokens for s in out.scheduled if s.is_context)
+        # host-tier copies: distinct destinations, loads only into blocks of requests admitted now; the runner's
+        # order (offloads, then loads) applied to the fake cache
+        if not sc["host_blocks"] or not sc["caching"]:
+            assert not out.kv_offloads and not out.kv_loads
+        assert len({h for _, h in out.kv_offloads}) == len(out.kv_offloads)
+        assert len({g for _, g in out.kv_loads}) == len(out.kv_loads)
+        admitted_blocks = {b for s in out.scheduled[num_old:] for b in s.block_ids}
+        assert all(g in admitted_blocks and kv.pool.ref_count(g) >= 1 for _, g in out.kv_loads)
+        for g, h in out.kv_offloads:
+            assert kv_store[g][-1] is not None, "offloading a block that was never computed"
+            host_store[h] = list(kv_store[g])
+        for h, g in out.kv_loads:
+            assert host_store[h][-1] is not None, "loading a host block that was never written"
+            kv_store[g] = list(host_store[h])
         for s in out.scheduled:
             r = s.request
             assert s.num_new_tokens >= 1 and r.num_computed_tokens == s.start_pos + s.num_new_tokens <= r.num_tokens
@@ -436,11 +460,12 @@ def simulate(sc: dict) -> None:
             assert len(s.block_ids) * tpb >= r.num_computed_tokens
             assert s.block_ids == kv.get_block_ids(r.request_id)
             for pos in range(s.start_pos):  # the context this step attends to is this request's own tokens
-                assert kv_store[s.block_ids[pos // tpb]][pos % tpb] == r.all_token_ids[pos]
+                assert kv_store[s.block_ids[pos // tpb]][pos % tpb] == tuple(r.all_token_ids[:pos + 1])
             for pos in range(s.start_pos, r.num_computed_tokens):
                 block_id = s.block_ids[pos // tpb]
                 assert kv.pool.ref_count(block_id) == 1, "writing into a shared block"
-                kv_store[block_id][pos % tpb] = r.all_token_ids[pos]
+                assert block_id not in {g for _, g in out.kv_loads}, "computing into a loaded block"
+                kv_store[block_id][pos % tpb] = tuple(r.all_token_ids[:pos + 1])
         if not sc["chunked"]:
             for s in out.scheduled[num_old:]:  # newly admitted: the whole rest of the prompt, unless too long
                 remaining = s.request.num_tokens - s.start_pos
@@ -473,6 +498,17 @@ def simulate(sc: dict) -> None:
 @given(scenarios())
 def test_random_traces_keep_every_invariant(sc: dict) -> None:
     if sc["weak_hash"]:  # collisions everywhere: the index must still never give a wrong block
+        with mock.patch.object(block_pool, "hash_block_tokens", lambda parent, tokens: sum(tokens) % 3):
+            simulate(sc)
+    else:
+        simulate(sc)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(host_tier=True))
+def test_random_traces_with_a_host_tier_keep_every_invariant(sc: dict) -> None:
+    """Evictions to the host tier and loads back: every block a step attends to holds what it was computed from."""
+    if sc["weak_hash"]:
         with mock.patch.object(block_pool, "hash_block_tokens", lambda parent, tokens: sum(tokens) % 3):
             simulate(sc)
     else:
