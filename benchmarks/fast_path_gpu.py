@@ -14,32 +14,7 @@ import time
 import torch
 
 from kvflight import LLM, SamplingParams
-
-
-def copy_bandwidth_bytes_per_s() -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t)  # read + write
-
-
-def matmul_flops() -> float:
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 20 / (time.perf_counter() - t)
+from kvflight.bench.limits import copy_bandwidth_bytes_per_s, matmul_flops_per_s
 
 
 def rand_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -85,7 +60,7 @@ def main() -> int:
     args = ap.parse_args()
     only = set(args.only.split(","))
     bw = copy_bandwidth_bytes_per_s()
-    flops = matmul_flops()
+    flops = matmul_flops_per_s()
     print(f"device {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s | bf16 matmul {flops / 1e12:.0f} "
           f"TFLOP/s | backend {args.kernel_backend} | eager {args.eager} | max_batch_size {args.max_batch_size} "
           f"| max_num_tokens {args.max_num_tokens}")
@@ -106,7 +81,8 @@ def main() -> int:
             graph_bytes = graphs.pool_bytes if graphs is not None else 0
             del graphs  # nothing may keep the engine alive past `del llm`
             free_now = torch.cuda.mem_get_info()[0]
-            left = plan.kv_cache_bytes + free_now  # what the KV cache could have had after everything else
+            # what the KV cache could have had: free now + itself - what a step's activations need at run time
+            left = plan.kv_cache_bytes + free_now - plan.activation_peak_bytes
             table.row(name, "KV capacity", f"{plan.kv_cache_bytes / 2**30:.1f} GiB {plan.kv_capacity_tokens} tok",
                       ">= 90%", "", "", f"{plan.kv_cache_bytes / left:.1%} of memory left")
             table.row(name, "start-up", f"{start_s:.1f} s (graphs {graph_bytes / 2**30:.2f} GiB)", "", "", "",

@@ -25,20 +25,8 @@ import time
 import torch
 
 from kvflight import LLM, SamplingParams
+from kvflight.bench.limits import matmul_flops_per_s
 from kvflight.runner.kv_offload import KVOffloader
-
-
-def matmul_flops() -> float:
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - t)
 
 
 def pinned_copy_bytes_per_s() -> tuple[float, float]:
@@ -152,7 +140,7 @@ def main() -> int:
                     "prompts each; the fastest counts): its 1%% target is below run-to-run noise of one run")
     args = ap.parse_args()
 
-    flops = matmul_flops()
+    flops = matmul_flops_per_s()
     d2h, h2d = pinned_copy_bytes_per_s()
     print(f"device {torch.cuda.get_device_name()} | bf16 matmul {flops / 1e12:.0f} TFLOP/s | pinned copy "
           f"D2H {d2h / 1e9:.1f} GB/s, H2D {h2d / 1e9:.1f} GB/s")
