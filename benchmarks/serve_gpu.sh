@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # On the device (issue: server on the GPU): random 1024/128 prompts on the Llama-3.1-8B shape (dummy weights).
+# MODEL (default: the llama-3.1-8b preset) may be a directory with an 8B config.json whose vocab matches a tokenizer
+# saved beside it, so that every generated id detokenizes to text (the preset has no tokenizer of its own).
 #   1. kvflight serve, 16 req/s Poisson for NUM requests: TTFT / TPOT percentiles (vLLM 0.26.0 here: TTFT p99
 #      111 ms, TPOT p99 15.3 ms);
 #   2. the same server at saturation (rate inf), then the in-process engine on the same requests: throughput ratio.
@@ -8,11 +10,12 @@ set -u
 N16=${1:-640}
 NSAT=${2:-500}
 PORT=${PORT:-8011}
-MODEL=llama-3.1-8b
+MODEL=${MODEL:-llama-3.1-8b}
+VOCAB=${VOCAB:-128256}
 FLAGS="--load-format dummy --max-seq-len 4096"
-DATA="--vocab-size 128256 --input-mean 1024 --input-stdev 0 --output-mean 128 --output-stdev 0 --ignore-eos"
+DATA="--vocab-size $VOCAB --input-mean 1024 --input-stdev 0 --output-mean 128 --output-stdev 0 --ignore-eos"
 cli() { python3 -m kvflight.server.cli "$@"; }
-cli serve $MODEL $FLAGS --port $PORT > /tmp/serve.log 2>&1 &
+python3 -m kvflight.server.cli serve $MODEL $FLAGS --port $PORT > /tmp/serve.log 2>&1 &  # not via cli(): $! must be python
 SERVER=$!
 python3 - "$PORT" <<'PY'
 import sys, time, urllib.request

@@ -34,6 +34,11 @@ class ModelConfig:
                     choices=("auto", "float32", "float16", "bfloat16"))
     device: str = _f("auto", "auto (cuda if available), cpu, cuda", choices=("auto", "cpu", "cuda"))
     seed: int = _f(0, "seed for dummy weights and unseeded sampling")
+    quantization: str = _f(
+        "auto", "weight quantization: auto (what the checkpoint's quantization_config says, else none), none, or "
+        "quantize at load time: fp8 (W8A8), int8_wo (W8A16), int4_wo (W4A16, group 128), int8_sq (W8A8 without "
+        "smoothing); int4_awq and calibrated int8_sq come from `kvflight quantize`",
+        choices=("auto", "none", "fp8", "int8_wo", "int4_wo", "int8_sq", "int4_awq"))
     served_model_name: str | None = _f(None, "name reported by the API (default: derived from the model path)")
 
 

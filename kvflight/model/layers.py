@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvflight.kernels import reference
+from kvflight.quant.linear import LinearMethod, linear_method_for
 
 WeightLoader = Callable[..., None]
 
@@ -98,10 +99,16 @@ def _new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     return param
 
 
+_QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)
+
+
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"{what}: checkpoint tensor has shape {tuple(loaded.shape)}, the model expects "
                          f"{tuple(param.shape)} (does config.json match the weights?)")
+    if param.dtype in _QUANTIZED_DTYPES and loaded.dtype != param.dtype:  # a silent cast would garble codes
+        raise ValueError(f"{what}: checkpoint tensor is {loaded.dtype}, the quantized model expects {param.dtype} "
+                         "(does config.json's quantization_config match the weights?)")
 
 
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
@@ -112,20 +119,32 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shar
 
 # ---- linears ----------------------------------------------------------------------------------------------------
 class _ParallelLinear(nn.Module):
-    """y = x W^T (+ b) with W [out_local, in_local] holding this rank's slice."""
+    """y = x W^T (+ b) with W [out_local, in_local] holding this rank's slice.
+
+    How W is stored and multiplied is the layer's quant method (kvflight.quant.linear), picked at construction:
+    unquantized (`weight` in the model dtype, F.linear) unless built inside `quantized_linears(config)`. Every
+    quantized parameter keeps the output channel on dim 0, so the weight loaders below shard it like `weight`.
+    """
 
     def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.weight = _new_param((out_local, in_local), dtype, device, self.weight_loader)
+        self.params_dtype, self.params_device = dtype, device
+        self.output_partition_sizes = [out_local]  # rows of each fused projection (q / k / v, gate / up)
+        self.quant_method: LinearMethod = linear_method_for(in_local)
+        self.quant_method.create_weights(self, in_local, out_local, dtype)
         self.bias = _new_param((out_local,), dtype, device, self.weight_loader) if bias else None
+
+    def register_weight(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Add a weight-like parameter (called by the quant method) that loads through this layer's loader."""
+        setattr(self, name, _new_param(shape, dtype, self.params_device, self.weight_loader))
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in_local] -> [T, out_local]
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -156,6 +175,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         for size in self.output_sizes:
             _divide(size, get_tp_size(), "output_size")
         super().__init__(input_size, sum(self.output_sizes), bias, dtype=dtype, device=device)
+        self.output_partition_sizes = [size // self.tp_size for size in self.output_sizes]
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         if shard_id is None:  # an already-fused checkpoint tensor: split it into its projections
@@ -199,6 +219,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.input_size = hidden_size
         self.output_size = (total_num_heads + 2 * total_num_kv_heads) * head_dim
         _ParallelLinear.__init__(self, hidden_size, self.q_size + 2 * self.kv_size, bias, dtype, device)
+        self.output_partition_sizes = [self.q_size, self.kv_size, self.kv_size]
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         full_q = self.total_num_heads * self.head_dim
@@ -246,7 +267,7 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in_local] -> [T, out]
         bias = self.bias if self.tp_rank == 0 else None
-        out = F.linear(x, self.weight, bias)
+        out = self.quant_method.apply(self, x, bias)
         return tp_all_reduce(out) if self.reduce_results else out
 
 

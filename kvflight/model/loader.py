@@ -289,24 +289,46 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "auto", seed: int = 0) -> "LlamaForCausalLM":
-    """Build the model for `arch` on `device` in `dtype` and fill its weights from `resolved` (eval mode)."""
+               device: str | torch.device = "auto", seed: int = 0,
+               quantization: str = "auto") -> "LlamaForCausalLM":
+    """Build the model for `arch` on `device` in `dtype` and fill its weights from `resolved` (eval mode).
+
+    quantization (kvflight.quant): "auto" loads a `kvflight quantize` checkpoint as it is quantized (float
+    checkpoints stay float); a scheme name quantizes float weights while loading (online); "none" keeps floats.
+    """
+    from kvflight.quant.linear import quantized_linears
+    from kvflight.quant.loading import (
+        check_quantized_load,
+        checkpoint_quant_config,
+        plan_quantization,
+        quantize_model_,
+    )
+
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     model_class = get_model_class(arch.architecture)
+    build_quant, online_quant = plan_quantization(quantization, checkpoint_quant_config(resolved.path),
+                                                  resolved.format)
     if resolved.format == "gguf":
         reader = _gguf_reader(resolved.path or "")
         _check_gguf_types(reader, resolved.path or "")
         model = model_class(arch, dtype, device)
         model.load_weights(gguf_weights(reader, arch))
     elif resolved.format == "hf":
-        model = model_class(arch, dtype, device)
-        model.load_weights(safetensors_weights(resolved.path or ""))
+        with quantized_linears(build_quant):  # a quantized checkpoint: the linears hold its quantized tensors
+            model = model_class(arch, dtype, device)
+        if build_quant is None:
+            model.load_weights(safetensors_weights(resolved.path or ""))
+        else:
+            filled = model.load_weights(safetensors_weights(resolved.path or ""), strict=False)
+            check_quantized_load(model, filled, arch.tie_word_embeddings)
     elif resolved.format == "dummy":
         model = model_class(arch, dtype, device)
         init_dummy_weights(model, seed)
     else:
         raise ModelLoadError(f"format {resolved.format!r}: supported: hf, gguf, dummy")
+    if online_quant is not None:
+        quantize_model_(model, online_quant)
     return model.eval()
 
 

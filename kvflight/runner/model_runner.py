@@ -17,11 +17,12 @@ from kvflight.runner.cuda_graphs import DecodeGraphs, capture_sizes
 from kvflight.runner.input_buffers import InputBuffers, StepInputs
 from kvflight.runner.kv_offload import KVOffloader
 from kvflight.runner.sampler import Sampler, to_token_logprobs
+from kvflight.tune.planner import (GRAPHS_DO_NOT_FIT, KV_TOO_SMALL, NO_MEMORY_LEFT, MeasuredMemory,
+                                   plan_memory)
 from kvflight.types import SchedulerOutput, TokenLogprobs
 
 logger = logging.getLogger("kvflight.runner")
 
-CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ModelRunner:
             self._free_before_load, self._total = torch.cuda.mem_get_info(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         mem0 = self._allocated()
+        self.model_name = resolved.name or "the model"
         self.model = load_model(resolved, arch, self.dtype, self.device, config.model.seed)
         self.model.eval()
         self.kernel_backend = resolve_kernel_backend(config.runtime.kernel_backend, self.device)
@@ -102,44 +104,31 @@ class ModelRunner:
         return self.tokens_per_block * self.arch.kv_bytes_per_token(self.dtype.itemsize)
 
     def plan_kv_cache(self) -> MemoryPlan:
-        """Size the KV pool: GPU from profiled free memory, CPU from an explicit budget."""
-        cache = self.config.cache
+        """Size the KV pool with the planner's arithmetic (the same as `kvflight plan`), fed with what was measured
+        here: on the GPU the weights and other allocations, the profiled activation peak and memory outside torch;
+        on the CPU an explicit budget. Refuses, with the planner's message, a config where one max_seq_len request
+        cannot fit."""
         per_block = self.kv_bytes_per_block
         if self.device.type == "cuda":
             activation_peak = self._profile_peak_activation_bytes()
             free_bytes, total = torch.cuda.mem_get_info(self.device)
-            # memory our allocator keeps cached is free for the KV cache too
-            free_bytes += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            usable = free_bytes - activation_peak
-            if cache.gpu_memory_utilization is not None:
-                used_by_others = total - free_bytes - self._allocated()
-                usable = int(cache.gpu_memory_utilization * total) - used_by_others - self._allocated() \
-                    - activation_peak
-                budget = usable
-            else:
-                budget = int(cache.kv_cache_free_gpu_memory_fraction * usable)
-            if cache.kv_cache_bytes is not None:
-                budget = min(budget, cache.kv_cache_bytes)
+            allocated = torch.cuda.memory_allocated(self.device)
+            reserved = torch.cuda.memory_reserved(self.device)
+            measured = MeasuredMemory(weights_bytes=allocated, activation_bytes=activation_peak,
+                                      non_torch_bytes=total - free_bytes - reserved)
+            report = plan_memory(self.arch, self.config, total, max_seq_len=self.max_seq_len, measured=measured,
+                                 model_name=self.model_name, gpu_name=torch.cuda.get_device_name(self.device))
         else:
-            total = 0
-            activation_peak = 0
-            budget = cache.kv_cache_bytes if cache.kv_cache_bytes is not None else CPU_DEFAULT_KV_CACHE_BYTES
-            if cache.kv_cache_bytes is None and cache.max_tokens_in_paged_kv_cache is not None:
-                budget = math.ceil(cache.max_tokens_in_paged_kv_cache / self.tokens_per_block) * per_block
-        num_blocks = max(0, budget // per_block)
-        if cache.max_tokens_in_paged_kv_cache is not None:
-            num_blocks = min(num_blocks, cache.max_tokens_in_paged_kv_cache // self.tokens_per_block)
-        plan = MemoryPlan(total, self.weights_bytes, activation_peak, num_blocks * per_block, per_block,
+            total, activation_peak = 0, 0
+            report = plan_memory(self.arch, self.config, None, max_seq_len=self.max_seq_len,
+                                 model_name=self.model_name)
+        if report.verdict in (KV_TOO_SMALL, NO_MEMORY_LEFT):
+            raise ConfigError(report.refusal_message())
+        if report.verdict == GRAPHS_DO_NOT_FIT:  # an estimate: warn, capture what fits
+            logger.warning(report.refusal_message())
+        num_blocks = report.num_blocks * report.kv_bytes_per_block // per_block
+        return MemoryPlan(total, self.weights_bytes, activation_peak, num_blocks * per_block, per_block,
                           num_blocks, self.tokens_per_block)
-        need_blocks = math.ceil(self.max_seq_len / self.tokens_per_block)
-        if num_blocks < need_blocks:
-            raise ConfigError(
-                f"the KV cache holds {num_blocks} blocks ({plan.kv_capacity_tokens} tokens) but one request of "
-                f"max_seq_len={self.max_seq_len} needs {need_blocks} blocks ({per_block / 1024:.1f} KiB each): "
-                f"lower max_seq_len, or give the KV cache more memory (kv_cache_free_gpu_memory_fraction, "
-                f"kv_cache_bytes, max_tokens_in_paged_kv_cache), or lower max_num_tokens to shrink activations. "
-                + plan.describe())
-        return plan
 
     @torch.inference_mode()
     def _profile_peak_activation_bytes(self) -> int:

@@ -31,7 +31,7 @@ UNAUTHENTICATED_PATHS: tuple[str, ...] = ("/health", "/metrics", "/docs", "/open
 class ServerSettings:
     served_model_name: str
     api_key: str | None = None
-    max_queue_len: int = 256  # most requests in flight (admitted, not finished) before answering 503
+    max_queue_len: int = 4096  # most requests in flight (admitted, not finished) before answering 503
     request_timeout_s: float | None = None  # None: no limit
 
 

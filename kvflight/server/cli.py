@@ -1,4 +1,4 @@
-"""The `kvflight` command line: generate, serve, bench (plan / tune as they land)."""
+"""The `kvflight` command line: generate, serve, quantize, eval, bench, plan, topo, tune."""
 
 from __future__ import annotations
 
@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
 
+    from kvflight.quant.evaluate import add_eval_args
+    from kvflight.quant.quantize import add_quantize_args
+
+    quant = sub.add_parser("quantize", help="quantize a model (fp8, int8_sq, int4_awq, int8_wo, int4_wo) into a "
+                                            "checkpoint that `kvflight serve DIR` loads")
+    add_quantize_args(quant)
+    evaluate = sub.add_parser("eval", help="accuracy checks: `eval ppl MODEL --dataset FILE`")
+    add_eval_args(evaluate)
+
     from kvflight.bench.dataset import add_dataset_args, run_dataset
     from kvflight.bench.latency import add_latency_args, run_latency
     from kvflight.bench.serve import add_serve_args, run_serve
@@ -93,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
             ("latency", add_latency_args, run_latency, "static-batch latency, in-process"),
             ("serve", add_serve_args, run_serve, "serving load against the engine or any OpenAI/Triton endpoint")):
         p = bench_sub.add_parser(name, help=text)
+        add(p)
+        p.set_defaults(func=run)
+
+    from kvflight.tune.planner import add_plan_args, run_plan
+    from kvflight.tune.topo import add_topo_args, run_topo
+    from kvflight.tune.tuner import add_tune_args, run_tune
+
+    for name, add, run, text in (
+            ("plan", add_plan_args, run_plan, "memory plan for a model on a GPU, without the GPU; YAML config"),
+            ("topo", add_topo_args, run_topo, "GPU topology: does a custom all-reduce pay, per GPU group"),
+            ("tune", add_tune_args, run_tune, "search engine settings for the best goodput under an SLO")):
+        p = sub.add_parser(name, help=text, description=text)
         add(p)
         p.set_defaults(func=run)
     return parser

@@ -15,7 +15,7 @@ logger = logging.getLogger("kvflight.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_MAX_QUEUE_LEN = 256
+DEFAULT_MAX_QUEUE_LEN = 4096
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,167 @@
+"""GPU benchmark of weight quantization: Llama-3.1-8B shape (dummy weights), bf16 against every scheme, one table
+(plus a per-linear kernel table), every speed beside the hardware limit measured in the same run. Run on the
+device machine:
+
+    python benchmarks/quant_gpu.py                       # all schemes, both tables
+    python benchmarks/quant_gpu.py --schemes none,fp8,int4_awq --offline-requests 200 --no-kernels
+
+Rows: batch-1 decode (128 in / 256 out) in ms/token against the weight-read limit (weight bytes / copy bandwidth),
+offline N x 256 in / 256 out in output tokens/s against our bf16 row, the weights and the KV capacity the planner
+reports. int4_awq on dummy weights is int4 group-128 with the same kernel (AWQ changes values, not speed);
+int8_sq at load time has no smoothing (same kernels as the calibrated checkpoint).
+Needs the ModelRunner to pass `quantization` to load_model; the script stops with that message otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from kvflight import LLM, SamplingParams
+
+SCHEMES = ("none", "fp8", "int8_sq", "int8_wo", "int4_wo", "int4_awq")
+# Llama-3.1-8B linears (N out, K in) at TP 1, per decoder layer
+LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t)  # read + write
+
+
+def matmul_flops() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t)
+
+
+def rand_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
+
+
+def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    torch.cuda.synchronize()
+    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+    return time.perf_counter() - t
+
+
+def cuda_time_ms(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def kernel_table(bw: float, flops: float, token_counts: list[int]) -> None:
+    """One linear of each Llama-8B shape per scheme and token count: time, achieved weight bandwidth or FLOP/s."""
+    from kvflight.quant.linear import make_linear_method, quantize_linear_
+    from kvflight.quant.schemes import QuantConfig
+    from kvflight.model.layers import ColumnParallelLinear
+
+    print(f"\n{'linear':<8} {'tokens':>6} " + " ".join(f"{s:>18}" for s in SCHEMES))
+    for name, (n, k) in LLAMA8B_LINEARS.items():
+        layers = {}
+        for scheme in SCHEMES:
+            layer = ColumnParallelLinear(k, n, dtype=torch.bfloat16, device="cuda")
+            layer.weight.data.uniform_(-0.02, 0.02)
+            if scheme != "none":
+                quantize_linear_(layer, make_linear_method(QuantConfig(scheme), k))
+            layers[scheme] = layer
+        for m in token_counts:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            cells = []
+            for scheme, layer in layers.items():
+                ms = cuda_time_ms(lambda: layer(x))
+                weight_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+                if m <= 16:  # memory bound: weight bytes per second against the copy bandwidth
+                    cells.append(f"{ms * 1e3:7.1f}us {weight_bytes / (ms / 1e3) / bw:5.0%}bw")
+                else:
+                    cells.append(f"{ms * 1e3:7.1f}us {2 * m * n * k / (ms / 1e3) / flops:5.0%}mm")
+            print(f"{name:<8} {m:>6} " + " ".join(f"{c:>18}" for c in cells), flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--offline-requests", type=int, default=1000)
+    ap.add_argument("--offline-len", type=int, default=256, help="input and output tokens per offline request")
+    ap.add_argument("--no-kernels", dest="kernels", action="store_false")
+    ap.add_argument("--kernel-tokens", default="1,16,256,4096")
+    args = ap.parse_args()
+    from kvflight.quant.loading import describe_quantization
+
+    bw = copy_bandwidth_bytes_per_s()
+    flops = matmul_flops()
+    print(f"device {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s | bf16 matmul {flops / 1e12:.0f} "
+          f"TFLOP/s | torch {torch.__version__}")
+    print(f"{'scheme':<9} {'weights GiB':>11} {'decode ms/tok':>13} {'limit ms':>9} {'of limit':>8} "
+          f"{'offline req/s':>13} {'out tok/s':>10} {'vs bf16':>8} {'KV tokens':>10}  linears", flush=True)
+    bf16_tok_s = None
+    for scheme in args.schemes.split(","):
+        llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=8192, max_batch_size=256,
+                  max_num_tokens=8192, enable_kv_cache_reuse=False)
+        model = llm.engine.runner.model
+        linears = describe_quantization(model)
+        if scheme != "none" and not linears.startswith(scheme):
+            print(f"{scheme}: the model's linears are '{linears}': the ModelRunner does not pass "
+                  "config.model.quantization to load_model; wire it and rerun", file=sys.stderr)
+            return 1
+        arch = llm.engine.arch
+        weight_bytes = llm.engine.runner.weights_bytes
+        p1 = rand_prompts(1, 128, arch.vocab_size)
+        timed_generate(llm, p1, 4)  # warm-up
+        t1 = timed_generate(llm, p1, 1)
+        tn = timed_generate(llm, p1, args.decode_tokens)
+        ms_tok = (tn - t1) / (args.decode_tokens - 1) * 1e3
+        limit_ms = weight_bytes / bw * 1e3
+        prompts = rand_prompts(args.offline_requests, args.offline_len, arch.vocab_size, seed=1)
+        t = timed_generate(llm, prompts, args.offline_len)
+        tok_s = args.offline_requests * args.offline_len / t
+        if scheme == "none":
+            bf16_tok_s = tok_s
+        vs = f"{tok_s / bf16_tok_s:.2f}x" if bf16_tok_s else "-"
+        print(f"{scheme:<9} {weight_bytes / 2**30:>11.2f} {ms_tok:>13.2f} {limit_ms:>9.2f} {limit_ms / ms_tok:>8.0%} "
+              f"{args.offline_requests / t:>13.1f} {tok_s:>10.0f} {vs:>8} {llm.engine.plan.kv_capacity_tokens:>10}  "
+              f"{linears}", flush=True)
+        del llm, model
+        torch.cuda.empty_cache()
+    if args.kernels:
+        kernel_table(bw, flops, [int(m) for m in args.kernel_tokens.split(",")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Triton W4A16 matmul: y = x W^T with W in 4-bit codes, group-wise scales and zero points, dequantized in the loop.
+
+A drop-in for reference.w4a16_matmul. Packing (reference.unpack_int4): byte j of a row holds the code of column 2j
+in its low nibble and of column 2j + 1 in its high nibble. Instead of interleaving nibbles inside the kernel, each
+K tile is split into its even and odd columns: the low nibbles multiply x's even columns, the high nibbles x's odd
+columns, two dots into one float32 accumulator. A K tile never straddles a quantization group (BLOCK_K divides
+group_size), so each tile has one scale and one zero per output channel, applied to the tile's partial sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflight.kernels.w8a16_matmul import choose_blocks
+
+
+@triton.jit
+def _w4a16_matmul_kernel(
+    x_ptr,  # [M, K] activations
+    qw_ptr,  # [N, K / 2] uint8, two codes per byte
+    scales_ptr,  # [N, K / GROUP_SIZE] float16 / float32
+    zeros_ptr,  # [N, K / GROUP_SIZE] uint8 codes (unused unless HAS_ZEROS; else zero point 8)
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    out_ptr,  # [M, N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qn,
+    stride_sn,
+    stride_zn,
+    stride_om,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP_SIZE; K is a multiple of GROUP_SIZE
+):
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
+    rj = tl.arange(0, HALF_K)  # [BK / 2] byte index inside the tile
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        jj = k0 // 2 + rj  # [BK / 2] byte columns
+        j_mask = jj < K // 2
+        x_rows = x_ptr + rm[:, None] * stride_xm
+        xm = m_mask[:, None] & j_mask[None, :]
+        x_even = tl.load(x_rows + 2 * jj[None, :], mask=xm, other=0.0)  # [BM, BK / 2] columns 2j
+        x_odd = tl.load(x_rows + 2 * jj[None, :] + 1, mask=xm, other=0.0)  # [BM, BK / 2] columns 2j + 1
+        packed = tl.load(qw_ptr + rn[None, :] * stride_qn + jj[:, None], mask=n_mask[None, :] & j_mask[:, None],
+                         other=0)  # [BK / 2, BN] uint8
+        group = tl.minimum(k0, K - 1) // GROUP_SIZE  # a split's tail past K reads the last group, times x = 0
+        scale = tl.load(scales_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)  # [BN]
+        else:
+            zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
+        low = (packed & 0x0F).to(tl.float32) - zero[None, :]  # [BK / 2, BN] in -15..15: exact in 16-bit floats
+        high = (packed >> 4).to(tl.float32) - zero[None, :]
+        part = tl.dot(x_even, low.to(x_even.dtype), input_precision=DOT_PRECISION)
+        part += tl.dot(x_odd, high.to(x_odd.dtype), input_precision=DOT_PRECISION)  # [BM, BN]
+        acc += part * scale[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (or [..., K]), qweight [N, K / 2] uint8, scales / zeros [N, K / group_size] -> [M, N] x.dtype."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    if group_size < 32 or group_size & (group_size - 1) or K % group_size:
+        raise ValueError(f"w4a16_matmul: group_size={group_size} must be a power of two >= 32 dividing K={K}")
+    if qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2):
+        raise ValueError(f"w4a16_matmul: qweight {tuple(qweight.shape)} {qweight.dtype}: expected [N, {K // 2}] "
+                         "uint8")
+    groups = K // group_size
+    if scales.shape != (N, groups):
+        raise ValueError(f"w4a16_matmul: scales {tuple(scales.shape)}: expected [{N}, {groups}]")
+    if zeros is not None and (zeros.shape != (N, groups) or zeros.dtype != torch.uint8):
+        raise ValueError(f"w4a16_matmul: zeros {tuple(zeros.shape)} {zeros.dtype}: expected [{N}, {groups}] uint8")
+    x2 = x.reshape(-1, K)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    qw = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    sc = scales if scales.stride(-1) == 1 else scales.contiguous()
+    zr = None if zeros is None else (zeros if zeros.stride(-1) == 1 else zeros.contiguous())
+    M = x2.shape[0]
+    block_m, block_n, block_k, auto_split = choose_blocks(M, N, K, x2.device, max_block_k=group_size)
+    split = auto_split if split_k is None else split_k
+    if split > 1:
+        out = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    if M > 0 and N > 0:
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split)
+        _w4a16_matmul_kernel[grid](
+            x2, qw, sc, zr if zr is not None else qw, bias if bias is not None else sc, out, M, N, K,
+            x2.stride(0), qw.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0, out.stride(0),
+            GROUP_SIZE=group_size, HAS_ZEROS=zr is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+            DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=4 if block_m * block_n <= 64 * 64 else 8, num_stages=3)
+    if split > 1:
+        out = out.to(x2.dtype)
+    return out.view(*x.shape[:-1], N)

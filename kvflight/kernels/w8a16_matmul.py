@@ -1,0 +1,137 @@
+"""Triton W8A16 matmul: y = x (qweight * scale)^T with int8 weights per output channel, dequantized in the inner loop.
+
+A drop-in for reference.w8a16_matmul. Activations float16 / bfloat16 (float32 accepted for tests), float32
+accumulation; the per-channel scale is applied once to the accumulator. For small M (decode) the K loop is split
+over SPLIT_K programs that add into a float32 buffer, so that a 1-token matmul still fills the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w8a16_matmul_kernel(
+    x_ptr,  # [M, K] activations
+    w_ptr,  # [N, K] int8
+    scale_ptr,  # [N] float32
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    out_ptr,  # [M, N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 activations (no tf32), else "tf32" (ignored for 16-bit)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM] rows of x / out
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN] output channels
+    rk = tl.arange(0, BLOCK_K)  # [BK]
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        kk = k0 + rk  # [BK]
+        k_mask = kk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # [BM, BK]
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_mask[None, :] & k_mask[:, None],
+                    other=0)  # [BK, BN] int8
+        acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
+    scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
+    acc = acc * scale[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_programs_target(device: torch.device) -> int:
+    """About two programs per SM on a GPU; a small fixed number under the interpreter."""
+    if device.type == "cuda":
+        return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def choose_blocks(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for a problem shape; BLOCK_K <= max_block_k (a power of two >= 16).
+
+    Small M (decode): thin row tiles, narrow column tiles and a split K loop so the grid covers the GPU.
+    Large M (prefill): square-ish tiles, no split.
+    """
+    block_k = min(128, max(16, max_block_k))
+    if M <= 16:
+        block_m, block_n = 16, 32 if N <= 8192 else 64
+    elif M <= 64:
+        block_m, block_n = 32, 64
+    else:
+        block_m, block_n = (64, 128) if M <= 256 else (128, 128)
+        block_k = min(block_k, 64)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    split_k = 1
+    if M <= 64:
+        target = _num_programs_target(device)
+        num_k_tiles = triton.cdiv(K, block_k)
+        while tiles * split_k * 2 <= target and split_k * 2 <= num_k_tiles and split_k < 16:
+            split_k *= 2
+    return block_m, block_n, block_k, split_k
+
+
+def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (or [..., K]), qweight [N, K] int8, scale [N] float32, bias [N] -> [M, N] in x's dtype."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != K:
+        raise ValueError(f"w8a16_matmul: qweight {tuple(qweight.shape)} {qweight.dtype}: expected [N, {K}] int8")
+    if scale.shape != (N,) or scale.dtype != torch.float32:
+        raise ValueError(f"w8a16_matmul: scale {tuple(scale.shape)} {scale.dtype}: expected [{N}] float32")
+    x2 = x.reshape(-1, K)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    M = x2.shape[0]
+    block_m, block_n, block_k, auto_split = choose_blocks(M, N, K, x2.device)
+    split = auto_split if split_k is None else split_k
+    if split > 1:
+        out = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    if M > 0 and N > 0:
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split)
+        _w8a16_matmul_kernel[grid](
+            x2, w, scale, bias if bias is not None else scale, out, M, N, K,
+            x2.stride(0), w.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, SPLIT_K=split,
+            DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=4 if block_m * block_n <= 64 * 64 else 8, num_stages=3)
+    if split > 1:
+        out = out.to(x2.dtype)
+    return out.view(*x.shape[:-1], N)

@@ -1,0 +1,132 @@
+"""Triton weight-only matmuls (W8A16, W4A16) and the per-token activation quantizer equal their references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvflight.kernels import reference
+from kvflight.kernels.per_token_quant import per_token_quant
+from kvflight.kernels.w4a16_matmul import w4a16_matmul
+from kvflight.kernels.w8a16_matmul import w8a16_matmul
+
+F32 = dict(atol=1e-4, rtol=1e-4)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _w8(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    qweight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    return qweight, scale
+
+
+def _w4(n: int, k: int, group: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half()
+    zeros = torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.uint8)
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 33])  # decode, ragged, more than one row block
+@pytest.mark.parametrize("n,k", [(48, 64), (96, 192)])
+@pytest.mark.parametrize("split_k", [None, 1, 2])
+def test_w8a16_matches_reference(num_tokens: int, n: int, k: int, split_k: int | None, device: str) -> None:
+    g = torch.Generator().manual_seed(num_tokens * 100 + n)
+    x = torch.randn(num_tokens, k, generator=g)
+    qweight, scale = _w8(n, k, g)
+    bias = torch.randn(n, generator=g)
+    out = w8a16_matmul(x.to(device), qweight.to(device), scale.to(device), bias.to(device), split_k=split_k)
+    ref = reference.w8a16_matmul(x, qweight, scale, bias)
+    assert out.shape == (num_tokens, n) and out.dtype == x.dtype
+    torch.testing.assert_close(out.cpu(), ref, **F32)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 20])
+@pytest.mark.parametrize("group_size,k", [(32, 96), (64, 192), (128, 256)])
+@pytest.mark.parametrize("with_zeros", [True, False])
+def test_w4a16_matches_reference(num_tokens: int, group_size: int, k: int, with_zeros: bool, device: str) -> None:
+    g = torch.Generator().manual_seed(num_tokens * 1000 + k + with_zeros)
+    n = 40  # not a multiple of the column block: masked edges
+    x = torch.randn(num_tokens, k, generator=g)
+    qweight, scales, zeros = _w4(n, k, group_size, g)
+    zeros_or_none = zeros if with_zeros else None
+    out = w4a16_matmul(x.to(device), qweight.to(device), scales.to(device),
+                       None if zeros_or_none is None else zeros_or_none.to(device), group_size)
+    ref = reference.w4a16_matmul(x, qweight, scales, zeros_or_none, group_size)
+    torch.testing.assert_close(out.cpu(), ref, **F32)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_w4a16_bias_split_k_and_leading_dims(split_k: int, device: str) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 128, generator=g)  # [..., K]
+    qweight, scales, zeros = _w4(32, 128, 64, g)
+    bias = torch.randn(32, generator=g)
+    out = w4a16_matmul(x.to(device), qweight.to(device), scales.to(device), zeros.to(device), 64, bias.to(device),
+                       split_k=split_k)
+    ref = reference.w4a16_matmul(x.reshape(-1, 128), qweight, scales, zeros, 64, bias).view(2, 3, 32)
+    assert out.shape == (2, 3, 32)
+    torch.testing.assert_close(out.cpu(), ref, **F32)
+
+
+def test_w4a16_float16_activations(device: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 128, generator=g).half()
+    qweight, scales, zeros = _w4(64, 128, 64, g)
+    out = w4a16_matmul(x.to(device), qweight.to(device), scales.to(device), zeros.to(device), 64)
+    ref = reference.w4a16_matmul(x, qweight, scales, zeros, 64)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_reference_unpack_layout() -> None:
+    """Byte j holds column 2j in its low nibble and 2j + 1 in its high nibble."""
+    packed = torch.tensor([[0x21, 0xF0]], dtype=torch.uint8)
+    assert reference.unpack_int4(packed).tolist() == [[1, 2, 0, 15]]
+
+
+def test_bad_shapes_are_clear_errors() -> None:
+    x = torch.randn(2, 96)
+    with pytest.raises(ValueError, match="group_size=64 must be a power of two >= 32 dividing K=96"):
+        w4a16_matmul(x, torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 1), None, 64)
+    with pytest.raises(ValueError, match="qweight .* expected \\[N, 96\\] int8"):
+        w8a16_matmul(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
+
+
+@pytest.mark.parametrize("num_tokens,k", [(1, 64), (6, 300), (3, 3000)])  # K > one block: two passes per row
+def test_per_token_quant_int8_equals_reference(num_tokens: int, k: int, device: str) -> None:
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(num_tokens, k, generator=g) * 3
+    x[0, :5] = torch.tensor([0.5, -0.5, 1.5, -2.5, 0.0])  # ties round away from zero in both
+    if num_tokens > 2:
+        x[2] = 0.0  # an all-zero row gets a tiny scale, codes 0
+    q, scale = per_token_quant(x.to(device), torch.int8)
+    ref_q, ref_scale = reference.per_token_quant(x, torch.int8)
+    torch.testing.assert_close(scale.cpu(), ref_scale, atol=0, rtol=1e-6)
+    assert torch.equal(q.cpu(), ref_q)
+
+
+# ---- real shapes on a GPU ---------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 16, 300])
+def test_bf16_llama_shapes_on_gpu(num_tokens: int) -> None:
+    g = torch.Generator().manual_seed(num_tokens)
+    n, k = 1024, 4096
+    x = torch.randn(num_tokens, k, generator=g).bfloat16().cuda()
+    qweight, scale = _w8(n, k, g)
+    out = w8a16_matmul(x, qweight.cuda(), scale.cuda())
+    ref = reference.w8a16_matmul(x.float(), qweight.cuda(), scale.cuda())
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)
+    q4, scales, zeros = _w4(n, k, 128, g)
+    out = w4a16_matmul(x, q4.cuda(), scales.cuda(), zeros.cuda(), 128)
+    ref = reference.w4a16_matmul(x.float(), q4.cuda(), scales.cuda(), zeros.cuda(), 128)
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)
+
+
+@gpu
+def test_per_token_quant_fp8_on_gpu() -> None:
+    x = torch.randn(9, 4096, device="cuda", dtype=torch.bfloat16) * 5
+    q, scale = per_token_quant(x, torch.float8_e4m3fn)
+    ref_q, ref_scale = reference.per_token_quant(x, torch.float8_e4m3fn)
+    torch.testing.assert_close(scale, ref_scale, atol=0, rtol=1e-6)
+    assert (q.float() - ref_q.float()).abs().max() == 0
