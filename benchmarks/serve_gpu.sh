@@ -12,7 +12,7 @@ NSAT=${2:-500}
 PORT=${PORT:-8011}
 MODEL=${MODEL:-llama-3.1-8b}
 VOCAB=${VOCAB:-128256}
-FLAGS="--load-format dummy --max-seq-len 4096"
+FLAGS="--load-format dummy --max-seq-len 4096 ${EXTRA:-}"  # EXTRA: more engine flags
 DATA="--vocab-size $VOCAB --input-mean 1024 --input-stdev 0 --output-mean 128 --output-stdev 0 --ignore-eos"
 cli() { python3 -m kvflight.server.cli "$@"; }
 python3 -m kvflight.server.cli serve $MODEL $FLAGS --port $PORT > /tmp/serve.log 2>&1 &  # not via cli(): $! must be python
@@ -28,6 +28,7 @@ PY
 echo "== kvflight serve, 16 req/s, $N16 x 1024/128 =="
 cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $N16 \
   --request-rate 16 --disable-progress --warm-up 8 --seed 1
+[ "$NSAT" = 0 ] && { kill -TERM $SERVER; wait $SERVER; exit 0; }
 echo "== kvflight serve, saturated, $NSAT x 1024/128 =="
 cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $NSAT \
   --request-rate inf --disable-progress --warm-up 8 --seed 2

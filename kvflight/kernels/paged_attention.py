@@ -104,7 +104,10 @@ def _attend_kv_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized on (Triton would otherwise compile a new
+# variant whenever one of them becomes 1 or a multiple of 16, stalling a serving step for a second or more).
+@triton.jit(do_not_specialize=["num_seqs", "num_q_tiles", "ws_stride_split", "ws_stride_t", "st_stride_split",
+                               "st_stride_t"])
 def _paged_attention_kernel(
     q_ptr,  # [T, Hq, D]
     kv_ptr,  # [2, num_blocks, tokens_per_block, Hkv, D]
@@ -202,7 +205,7 @@ def _paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "ws_stride_split", "ws_stride_t", "st_stride_split", "st_stride_t"])
 def _merge_splits_kernel(
     ws_acc_ptr,  # [NUM_SPLITS, T, Hq, D] f32
     ws_max_ptr,  # [NUM_SPLITS, T, Hq] f32

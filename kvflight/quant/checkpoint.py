@@ -126,9 +126,8 @@ def write_checkpoint(model: "LlamaForCausalLM", hf_config: dict[str, Any], confi
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(config_out, fh, indent=2, ensure_ascii=False)
     written.append(path)
-    if tokenizer is not None:
-        written += [os.path.join(output_dir, f) for f in tokenizer.save_pretrained(output_dir)
-                    if os.path.isfile(os.path.join(output_dir, os.path.basename(f)))]
+    if tokenizer is not None:  # tokenizer.json, tokenizer_config.json, chat template ...
+        written += [str(f) for f in tokenizer.save_pretrained(output_dir)]
     info = {"quantization_config": config.to_hf_dict(),
             "linear_layers": {name: layer.quant_method.describe() for name, layer in linear_layers(model)},
             **(extra_info or {})}

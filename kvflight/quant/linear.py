@@ -68,7 +68,7 @@ class LinearMethod:
         if cache is not None and cache.dtype == dtype:
             return cache
         weight = self.dequantized_weight(layer).to(dtype)
-        if CPU_CACHE_DEQUANTIZED:
+        if CPU_CACHE_DEQUANTIZED and weight.device.type == "cpu":
             layer.__dict__["_cpu_dequantized"] = weight
         return weight
 
@@ -168,7 +168,7 @@ class _W8A8Method(LinearMethod):
         cache = layer.__dict__.get("_cpu_dequantized")
         if cache is None:
             cache = layer.weight.float()
-            if CPU_CACHE_DEQUANTIZED:
+            if CPU_CACHE_DEQUANTIZED and cache.device.type == "cpu":  # a GPU without fp8 / int8 GEMMs: no cache
                 layer.__dict__["_cpu_dequantized"] = cache
         return cache
 

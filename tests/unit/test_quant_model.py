@@ -235,3 +235,25 @@ def test_linear_layers_found(tiny) -> None:
     assert names[:4] == ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
                          "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"]
     assert len(names) == 4 * LAYERS  # the LM head and embeddings stay unquantized
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", ["fp8", "int8_sq", "int8_wo", "int4_wo"])
+def test_gpu_paths_equal_the_cpu_math(scheme: str) -> None:
+    """Triton / _scaled_mm / _int_mm on the GPU compute what the CPU fallback computes (bf16, Llama-like K)."""
+    import copy
+
+    from kvflight.model.layers import ColumnParallelLinear
+    from kvflight.quant.linear import make_linear_method, quantize_linear_
+
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(4096, 1024, bias=True, dtype=torch.bfloat16, device="cuda")
+    layer.weight.data.normal_(0, 0.02)
+    layer.bias.data.normal_(0, 0.1)
+    quantize_linear_(layer, make_linear_method(QuantConfig(scheme), 4096))
+    cpu_layer = copy.deepcopy(layer).to("cpu")
+    for num_tokens in (1, 5, 40):
+        x = torch.randn(num_tokens, 4096, device="cuda", dtype=torch.bfloat16)
+        out = layer(x).float().cpu()
+        ref = cpu_layer(x.cpu()).float()
+        assert float((out - ref).norm() / ref.norm()) < 0.02, (scheme, num_tokens)
