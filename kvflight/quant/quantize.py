@@ -115,8 +115,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="int8_sq migration strength in [0, 1] (TensorRT-LLM's example uses 0.5), or 'auto' (the "
                         "default): per layer and projection, the alpha of 0.3..0.9 with the smallest simulated W8A8 "
                         "error on the calibration rows")
-    p.add_argument("--fp8-weight-scale", choices=("channel", "tensor"), default="channel",
-                   help="fp8 weight scales per output channel (default) or per tensor")
+    p.add_argument("--fp8-weight-scale", choices=("tensor", "channel"), default="tensor",
+                   help="fp8 weight scales per tensor (default, one per projection, as TensorRT-LLM) or per output "
+                        "channel")
     p.add_argument("--kv-cache-dtype", "--kv_cache_dtype", choices=("int8", "fp8"), default=None,
                    help="recorded in the checkpoint for the KV-cache quantization")
     p.add_argument("--awq-grid", type=int, default=20, help="AWQ scale-exponent grid points (default 20)")

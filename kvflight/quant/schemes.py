@@ -1,7 +1,8 @@
 """QuantConfig: which weight quantization scheme a model uses, with its knobs, and its `quantization_config` JSON.
 
 Schemes (the names of TensorRT-LLM's `--qformat`):
-    fp8       W8A8 float8 e4m3: weights per output channel (or per tensor), activations dynamic per token
+    fp8       W8A8 float8 e4m3: weights per tensor (one scale per q / k / v / gate / up / o / down projection,
+              as TensorRT-LLM) or per output channel, activations dynamic per token
     int8_sq   W8A8 int8 SmoothQuant: smoothing scales (alpha) folded into the preceding norms / projections,
               weights per output channel, activations dynamic per token
     int8_wo   W8A16: int8 weights per output channel, 16-bit activations
@@ -35,7 +36,7 @@ class QuantConfig:
     scheme: str  # one of QUANT_SCHEMES
     group_size: int = 128  # int4: requested columns per group; per layer the largest of 128/64/32 dividing K
     zero_point: bool = True  # int4: asymmetric groups with zero points (False: symmetric, zero point 8)
-    weight_granularity: str = "channel"  # fp8: "channel" (one scale per output row) or "tensor"
+    weight_granularity: str = "tensor"  # fp8: "tensor" (one scale per projection) or "channel" (per output row)
     smoothquant_alpha: float | None = None  # int8_sq: migration strength; 0 = no smoothing; None = searched
     kv_cache_dtype: str | None = None  # recorded for the KV-cache quantization (implemented elsewhere)
     calibration: dict[str, Any] = field(default_factory=dict)  # what calibrated it (dataset, sizes, options)
@@ -107,7 +108,7 @@ class QuantConfig:
         try:
             return cls(scheme=data["scheme"], group_size=int(data.get("group_size", 128)),
                        zero_point=bool(data.get("zero_point", True)),
-                       weight_granularity=data.get("weight_granularity", "channel"),
+                       weight_granularity=data.get("weight_granularity", "tensor"),
                        smoothquant_alpha=_alpha(data.get("smoothquant_alpha", "auto"), where),
                        kv_cache_dtype=data.get("kv_cache_dtype"),
                        calibration=dict(data.get("calibration") or {}))

@@ -71,7 +71,8 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         mem0 = self._allocated()
         self.model_name = resolved.name or "the model"
-        self.model = load_model(resolved, arch, self.dtype, self.device, config.model.seed)
+        self.model = load_model(resolved, arch, self.dtype, self.device, config.model.seed,
+                                quantization=config.model.quantization)
         self.model.eval()
         self.kernel_backend = resolve_kernel_backend(config.runtime.kernel_backend, self.device)
         self.model.set_kernel_backend(self.kernel_backend)

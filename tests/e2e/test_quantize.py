@@ -119,15 +119,7 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
     from test_quant_model import _write_tiny
 
-    import test_quant_model
-
-    directory = tmp_path_factory.mktemp("tiny_tok") / "model"
-    vocab = test_quant_model.VOCAB
-    test_quant_model.VOCAB = len(smollm2["tokenizer"])
-    try:
-        _write_tiny(directory)
-    finally:
-        test_quant_model.VOCAB = vocab
+    directory = _write_tiny(tmp_path_factory.mktemp("tiny_tok") / "model", vocab=len(smollm2["tokenizer"]))
     smollm2["tokenizer"].save_pretrained(directory)
     return directory
 

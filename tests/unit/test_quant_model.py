@@ -26,15 +26,15 @@ from kvflight.quant.smoothing import AwqOptions, awq_layer_, smoothquant_layer_
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 64, 128, 4, 2, 16, 2, 160
 
 
-def _write_tiny(directory: Path, architecture: str = "LlamaForCausalLM", seed: int = 0) -> Path:
+def _write_tiny(directory: Path, architecture: str = "LlamaForCausalLM", seed: int = 0, vocab: int = VOCAB) -> Path:
     """A random Llama / Qwen2 (q/k/v biases) HF directory written directly (no transformers needed)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int, std: float = 0.08) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
-    tensors = {"model.embed_tokens.weight": rnd(VOCAB, HIDDEN, std=1.0), "model.norm.weight": 1 + rnd(HIDDEN),
-               "lm_head.weight": rnd(VOCAB, HIDDEN)}
+    tensors = {"model.embed_tokens.weight": rnd(vocab, HIDDEN, std=1.0), "model.norm.weight": 1 + rnd(HIDDEN),
+               "lm_head.weight": rnd(vocab, HIDDEN)}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         norm = 1 + rnd(HIDDEN, std=0.2)
@@ -54,7 +54,7 @@ def _write_tiny(directory: Path, architecture: str = "LlamaForCausalLM", seed: i
     save_file(tensors, str(directory / "model.safetensors"))
     config = {"architectures": [architecture], "hidden_size": HIDDEN, "intermediate_size": INTER,
               "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-              "head_dim": HEAD_DIM, "vocab_size": VOCAB, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+              "head_dim": HEAD_DIM, "vocab_size": vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
               "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32"}
     (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return directory
@@ -173,7 +173,7 @@ def test_quantized_layer_equals_kernel_reference() -> None:
 # ---- checkpoints ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme,options", [
     ("int4_awq", {"group_size": 64}), ("int8_sq", {"smoothquant_alpha": 0.6}),
-    ("fp8", {"weight_granularity": "tensor"}), ("int4_wo", {"zero_point": False})])
+    ("fp8", {"weight_granularity": "channel"}), ("int4_wo", {"zero_point": False})])
 def test_checkpoint_round_trip(tiny, tmp_path, scheme: str, options: dict) -> None:
     model, resolved, arch = _load(tiny["qwen2"])
     config = QuantConfig(scheme, **options)
@@ -199,12 +199,12 @@ def test_checkpoint_round_trip(tiny, tmp_path, scheme: str, options: dict) -> No
 
 
 def test_fp8_per_tensor_scales_are_per_projection(tiny) -> None:
-    model, _, _ = _load(tiny["llama"], "fp8")  # default per channel
-    assert model.model.layers[0].self_attn.qkv_proj.weight_scale.unique().numel() > 3
     from kvflight.quant.loading import quantize_model_
 
     model, _, _ = _load(tiny["llama"])
-    quantize_model_(model, QuantConfig("fp8", weight_granularity="tensor"))
+    quantize_model_(model, QuantConfig("fp8", weight_granularity="channel"))
+    assert model.model.layers[0].self_attn.qkv_proj.weight_scale.unique().numel() > 3
+    model, _, _ = _load(tiny["llama"], "fp8")  # default: per tensor
     scale = model.model.layers[0].self_attn.qkv_proj.weight_scale  # q, k, v: one scale each
     assert scale.unique().numel() == 3
     assert scale[:HEADS * HEAD_DIM].unique().numel() == 1
