@@ -7,29 +7,14 @@ hardware limit measured in the same run (device copy bandwidth, bf16 matmul rate
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 
 import torch
 
-from kvflight import LLM, SamplingParams
+from kvflight import LLM
+from kvflight.bench.offline import rand_prompts, timed_generate
 from kvflight.bench.limits import copy_bandwidth_bytes_per_s, matmul_flops_per_s
-
-
-def rand_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
-
-
-def timed_generate(llm: LLM, prompts, max_tokens: int) -> float:
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, sp)
-    torch.cuda.synchronize()
-    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-    return time.perf_counter() - t
 
 
 class Table:

@@ -17,32 +17,17 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 
 import torch
 
-from kvflight import LLM, SamplingParams
+from kvflight import LLM
+from kvflight.bench.offline import rand_prompts, timed_generate
 from kvflight.bench.limits import copy_bandwidth_bytes_per_s, matmul_flops_per_s
 
 SCHEMES = ("none", "fp8", "int8_sq", "int8_wo", "int4_wo", "int4_awq")
 TARGETS = {"none": "vLLM 6.56 ms, 11.0k", "fp8": "<=3.5 ms, >=1.3x", "int4_awq": "<=2.5 ms"}  # issue 9
 # Llama-3.1-8B linears (N out, K in) at TP 1, per decoder layer
 LLAMA8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-def rand_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
-
-
-def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> float:
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, sp)
-    torch.cuda.synchronize()
-    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-    return time.perf_counter() - t
 
 
 def cuda_time_ms(fn, iters: int = 20) -> float:
