@@ -7,8 +7,10 @@ D = head_dim, L = layers, tp = tensor_parallel_size, ``act`` = bytes per element
 * weights: ``ModelArch.num_params`` split the way the tensor-parallel layers split them: column-parallel q/k/v and
   gate/up (output dim / tp), row-parallel o_proj and down_proj (input dim / tp), vocab-parallel embedding and LM
   head (ceil(V / tp) rows), norms replicated. K/V heads: num_kv_heads / tp per GPU, or 1 (replicated) when
-  num_kv_heads < tp. Weights are stored in the compute dtype (GGUF files are dequantized at load). Plus the
-  rotary cos/sin cache, float32 [max_position_embeddings, head_dim].
+  num_kv_heads < tp. Weights are stored in the compute dtype (GGUF files are dequantized at load), except the
+  linear layers under a weight scheme (``quantization``): 1 byte per weight for fp8 / int8_wo / int8_sq, about
+  0.53 for int4_wo / int4_awq (two codes a byte + 16-bit scale and zero per group of 128). Plus the rotary cos/sin
+  cache, float32 [max_position_embeddings, head_dim].
 * activation workspace: what the runner measures on the GPU with one profiling forward of
   ``T = min(max_num_tokens, max_seq_len * max_batch_size)`` tokens split over ``B = min(max_batch_size, T)``
   sequences, then the logits of B rows and a softmax + sort. Intermediates die layer by layer, so the peak is the
@@ -140,6 +142,7 @@ class PlanInputs:
     enforce_eager: bool = False
     cuda_graph_max_batch_size: int | None = None
     kernel_backend: str = "auto"  # CUDA graphs are captured with the triton kernels only (auto on a GPU)
+    quantization: str = "auto"  # weight scheme of the linear layers (auto / none: the compute dtype)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -177,7 +180,8 @@ class PlanInputs:
                    enable_chunked_context=s.enable_chunked_context, batch_scheduler_policy=s.batch_scheduler_policy,
                    enforce_eager=r.enforce_eager,
                    cuda_graph_max_batch_size=getattr(r, "cuda_graph_max_batch_size", None),
-                   kernel_backend=getattr(r, "kernel_backend", "auto"))
+                   kernel_backend=getattr(r, "kernel_backend", "auto"),
+                   quantization=getattr(cfg.model, "quantization", "auto"))
 
     def replace(self, **changes: Any) -> "PlanInputs":
         return dataclasses.replace(self, **changes)
@@ -258,6 +262,28 @@ def params_per_gpu(arch: ModelArch, shard: ShardShape) -> int:
     return total
 
 
+# bytes per linear-layer weight under each weight scheme (codes + their scales; int4 packs two codes in a byte and
+# keeps a 16-bit scale and zero point per group of 128)
+LINEAR_BYTES_PER_PARAM: dict[str, float] = {"fp8": 1.0, "int8_wo": 1.0, "int8_sq": 1.0,
+                                            "int4_wo": 0.5 + 4 / 128, "int4_awq": 0.5 + 4 / 128}
+
+
+def linear_params_per_gpu(arch: ModelArch, shard: ShardShape) -> int:
+    """Weights of the quantizable linear layers (q/k/v/o, gate/up/down) one GPU holds."""
+    h, s = arch.hidden_size, shard
+    return arch.num_layers * (h * s.q_size + 2 * h * s.kv_size + s.q_size * h + 3 * h * s.intermediate_size)
+
+
+def weights_bytes_per_gpu(arch: ModelArch, shard: ShardShape, act_bytes: int, quantization: str) -> int:
+    """Parameter bytes on one GPU: the linear layers in their weight scheme's bytes, the rest in the compute dtype."""
+    total = params_per_gpu(arch, shard) * act_bytes
+    per_param = LINEAR_BYTES_PER_PARAM.get(quantization)
+    if per_param is not None:
+        linear = linear_params_per_gpu(arch, shard)
+        total -= linear * act_bytes - int(linear * per_param)
+    return total
+
+
 def kv_bytes_per_token(arch: ModelArch, shard: ShardShape, kv_dtype_bytes: int) -> int:
     """K and V of one token over all layers, on one GPU."""
     return 2 * arch.num_layers * shard.num_kv_heads * shard.head_dim * kv_dtype_bytes
@@ -332,7 +358,7 @@ def _budget(arch: ModelArch, inputs: PlanInputs, max_seq_len: int, gpu_memory_by
     on_gpu = gpu_memory_bytes is not None
     act = _act_bytes(inputs, on_gpu)
     shard = shard_shape(arch, inputs.tensor_parallel_size)
-    weights = params_per_gpu(arch, shard) * act + rotary_cache_bytes(arch)
+    weights = weights_bytes_per_gpu(arch, shard, act, inputs.quantization) + rotary_cache_bytes(arch)
     t = min(inputs.max_num_tokens, max_seq_len * inputs.max_batch_size)
     rows = max(1, min(inputs.max_batch_size, t))
     fwd = forward_peak_bytes(shard, t, act)

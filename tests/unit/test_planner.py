@@ -251,3 +251,16 @@ def test_cli_reads_a_model_directory(tmp_path, capsys):
     assert main(["plan", str(tmp_path), "--gpu", "H200", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["num_params_per_gpu"] == 7_615_616_512 and doc["gpu_memory_bytes"] == 143771 * MiB
+
+
+def test_quantized_weights_shrink_the_linear_layers_only() -> None:
+    from kvflight.tune.planner import linear_params_per_gpu, plan_memory, shard_shape
+
+    base = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192}, 80 << 30)
+    fp8 = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192, "quantization": "fp8"}, 80 << 30)
+    int4 = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192, "quantization": "int4_awq"}, 80 << 30)
+    linear = linear_params_per_gpu(arch("llama-3.1-8b"), shard_shape(arch("llama-3.1-8b"), 1))
+    assert linear == 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # q, o, k, v, gate/up/down
+    assert base.weights_bytes - fp8.weights_bytes == linear  # 2 bytes -> 1 byte per linear weight
+    assert base.weights_bytes - int4.weights_bytes == linear * 2 - int(linear * (0.5 + 4 / 128))
+    assert fp8.num_blocks > base.num_blocks  # the memory saved goes to the KV cache
