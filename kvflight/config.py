@@ -51,7 +51,12 @@ class CacheConfig:
     kv_cache_bytes: int | None = _f(None, "explicit KV cache size in bytes (default on CPU: 1 GiB)")
     enable_kv_cache_reuse: bool = _f(True, "reuse KV blocks of shared prompt prefixes", "--enable-prefix-caching")
     kv_host_cache_bytes: int = _f(0, "pinned host memory for KV blocks evicted from the GPU")
-    kv_cache_dtype: str = _f("auto", "KV cache dtype: auto (= compute dtype)", choices=("auto",))
+    kv_cache_dtype: str = _f(
+        "auto", "KV cache dtype: auto (= compute dtype, or the kv_cache_dtype a `kvflight quantize --kv-cache-dtype` "
+        "checkpoint records), fp8 (float8 e4m3, range +-448) or int8 (+-127): 1 byte per element, twice the bf16 "
+        "KV capacity; quantized on write with per-layer, per-KV-head K and V scales (the checkpoint's calibrated "
+        "ones, else calibrated at start on the built-in calibration text), dequantized inside attention",
+        choices=("auto", "fp8", "int8"))
     gpu_memory_utilization: float | None = _f(
         None, "vLLM spelling, a different base: fraction of TOTAL GPU memory the engine may use")
 
@@ -72,6 +77,8 @@ class CacheConfig:
             raise ConfigError(f"kv_cache_bytes={self.kv_cache_bytes}: must be > 0")
         if self.kv_host_cache_bytes < 0:
             raise ConfigError(f"kv_host_cache_bytes={self.kv_host_cache_bytes}: must be >= 0")
+        if self.kv_cache_dtype not in ("auto", "fp8", "int8"):
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: expected auto, fp8 or int8")
 
 
 @dataclass(frozen=True)
@@ -109,11 +116,20 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = _f(1, "GPUs to split the model over", "--tp")
+    tensor_parallel_size: int = _f(
+        1, "GPUs (or, on CPU, gloo processes) to split the model over; one process per rank, rank 0 schedules",
+        "--tp")
+    use_custom_all_reduce: str = _f(
+        "auto", "all-reduce between tensor-parallel GPUs: auto (custom one-shot/two-shot where `kvflight topo` says "
+        "P2P pays, else NCCL), on, off (always NCCL); no effect on CPU (gloo)", choices=("auto", "on", "off"))
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size}: only 1 is supported so far")
+        if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool) or \
+                self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size!r}: must be an integer >= 1 "
+                              "(the model's heads, KV heads and intermediate size must divide by it)")
+        if self.use_custom_all_reduce not in ("auto", "on", "off"):
+            raise ConfigError(f"use_custom_all_reduce={self.use_custom_all_reduce!r}: expected auto, on or off")
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+import weakref
 from typing import Any
 
 from kvflight.cache.kv_manager import KVCacheManager
 from kvflight.config import ConfigError, EngineConfig
 from kvflight.model.loader import ResolvedModel, load_arch, load_tokenizer, resolve_model
-from kvflight.runner.model_runner import ModelRunner
+from kvflight.runner.model_runner import ModelRunner, RunnerOutput
+from kvflight.runner.tp_workers import TensorParallelError, TPWorkerGroup
 from kvflight.sched.scheduler import Scheduler
-from kvflight.types import FinishReason, Request, StepOutput
+from kvflight.types import FinishReason, Request, SchedulerOutput, StepOutput
 
 logger = logging.getLogger("kvflight.engine")
 stats_logger = logging.getLogger("kvflight.iteration")
@@ -52,12 +55,31 @@ class Engine:
                 "raise max_num_tokens, or lower max_input_len")
         self.eos_token_ids = self._eos_token_ids()
         t0 = time.perf_counter()
-        self.runner = ModelRunner(config, self.resolved, self.arch, self.max_seq_len)
-        plan = self.runner.plan_kv_cache()
-        self.plan = plan
-        self.num_host_blocks = self._num_host_blocks(plan.kv_bytes_per_block)
-        # the runner allocates the pinned host blocks and runs each SchedulerOutput's kv_offloads / kv_loads
-        self.runner.allocate_kv_cache(plan, num_host_blocks=self.num_host_blocks)
+        # tensor parallel: ranks 1..N-1 in worker processes, this process is rank 0 (before its model is built)
+        self.tp_workers: TPWorkerGroup | None = None
+        if config.parallel.tensor_parallel_size > 1:
+            self.tp_workers = TPWorkerGroup(config, self.resolved, self.arch, self.max_seq_len)
+            self._tp_finalizer = weakref.finalize(self, self.tp_workers.shutdown)
+        try:
+            self.runner = ModelRunner(config, self.resolved, self.arch, self.max_seq_len)
+            if self.tp_workers is not None:
+                self.tp_workers.wait_loaded()
+            plan = self.runner.plan_kv_cache()
+            if self.tp_workers is not None:  # one block id = the same slot on every rank: the smallest pool wins
+                num_blocks = self.tp_workers.agree_num_blocks(plan.num_blocks)
+                plan = dataclasses.replace(plan, num_blocks=num_blocks,
+                                           kv_cache_bytes=num_blocks * plan.kv_bytes_per_block)
+            self.plan = plan
+            self.num_host_blocks = self._num_host_blocks(plan.kv_bytes_per_block)
+            if self.tp_workers is not None:
+                self.tp_workers.start_allocate(plan.num_blocks, self.num_host_blocks)
+            # the runner allocates the pinned host blocks and runs each SchedulerOutput's kv_offloads / kv_loads
+            self.runner.allocate_kv_cache(plan, num_host_blocks=self.num_host_blocks)
+            if self.tp_workers is not None:
+                self.tp_workers.wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
         self.kv = KVCacheManager(plan.num_blocks, config.cache.tokens_per_block, config.cache.enable_kv_cache_reuse,
                                  num_host_blocks=self.num_host_blocks)
         self.scheduler = Scheduler(sched, self.kv, self.max_seq_len)
@@ -136,7 +158,10 @@ class Engine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        result = self.runner.execute(out)
+        if self.tp_workers is None:
+            result = self.runner.execute(out)
+        else:
+            result = self._execute_tensor_parallel(out)
         sampled_rows = [s.request for s in out.scheduled if s.do_sample]
         self.scheduler.update(out, result.token_ids)
         outputs = []
@@ -150,6 +175,21 @@ class Engine:
         if self.config.runtime.log_iteration_stats:
             stats_logger.info(json.dumps(self.iteration_stats(time.perf_counter() - t0), sort_keys=True))
         return outputs
+
+    def _execute_tensor_parallel(self, out: SchedulerOutput) -> RunnerOutput:
+        """Send the step's diff to ranks 1..N-1, run rank 0's forward (collectives with them) and sample; a dead or
+        failed worker raises TensorParallelError (the collectives time out after KVFLIGHT_TP_TIMEOUT_S)."""
+        self.tp_workers.send_step(out)
+        try:
+            return self.runner.execute(out)
+        except Exception as exc:
+            raise TensorParallelError(self.tp_workers.failure_message()) from exc
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (no-op at tensor_parallel_size 1); also run when the engine is
+        collected. The engine cannot step afterwards."""
+        if getattr(self, "tp_workers", None) is not None:
+            self.tp_workers.shutdown()
 
     def iteration_stats(self, latency_s: float | None = None) -> dict[str, Any]:
         """TensorRT-LLM's per-iteration fields (same names) plus ours."""

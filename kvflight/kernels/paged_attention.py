@@ -32,6 +32,7 @@ MIN_TOKENS_PER_SPLIT = 256
 # ... and aim for this many programs per SM (programs = num_seqs * num_kv_heads * num_splits)
 TARGET_PROGRAMS_PER_SM = 4
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_QUANT_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)  # kv_cache_dtype int8 / fp8: need k_scale / v_scale
 
 
 @triton.jit
@@ -136,9 +137,19 @@ def _paged_attention_kernel(
     SINGLE_TILE: tl.constexpr,  # every sequence has <= BLOCK_Q new tokens: program i is sequence i
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    k_scale_ptr=None,  # [Hkv] or [1] float32 (KV_SCALED): a quantized cache's dequantization scales
+    v_scale_ptr=None,
+    scale_stride_h=0,  # 0: one scale for every head
+    KV_SCALED: tl.constexpr = False,
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if KV_SCALED:
+        # the program owns one KV head: its K scale folds into the softmax scale, its V scale into the output
+        # (K / V codes convert exactly to q's dtype in the tile loop: int8 and e4m3 fit bfloat16's mantissa)
+        k_s = tl.load(k_scale_ptr + kv_head * scale_stride_h)
+        v_s = tl.load(v_scale_ptr + kv_head * scale_stride_h)
+        qk_scale = qk_scale * k_s
     if SINGLE_TILE:
         seq = tl.program_id(0)
         q_tile_in_seq = 0
@@ -192,6 +203,8 @@ def _paged_attention_kernel(
         acc, l_i, m_i, q, kv_head_ptr, block_table_ptr, tl.maximum(tile_lo, num_full_tiles), tile_hi, q_pos,
         kv_end, qk_scale, c_stride_kv, c_stride_block, c_stride_off,
         HEAD_DIM, HEAD_DIM_PAD, TOKENS_PER_BLOCK, BLOCK_N, True, DOT_PRECISION)
+    if KV_SCALED:
+        acc = acc * v_s
 
     if NUM_SPLITS > 1:
         ws_off = split * ws_stride_split + token * ws_stride_t + head * ws_stride_h  # [BLOCK_M]
@@ -256,9 +269,9 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     if tokens_per_block & (tokens_per_block - 1) or tokens_per_block < 1:
         raise ValueError(f"tokens_per_block={tokens_per_block} must be a power of two")
-    if q.dtype not in _FLOAT_DTYPES or kv_cache.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in _FLOAT_DTYPES or kv_cache.dtype not in _FLOAT_DTYPES + _QUANT_KV_DTYPES:
         raise ValueError(f"q dtype {q.dtype} / kv_cache dtype {kv_cache.dtype}: expected float32, float16 or "
-                         "bfloat16")
+                         "bfloat16 (the cache also int8 / float8_e4m3fn, with k_scale / v_scale)")
     if q.stride(2) != 1 or kv_cache.stride(4) != 1:
         raise ValueError("q and kv_cache must be contiguous in head_dim (stride 1 on the last dim)")
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
@@ -331,6 +344,8 @@ def paged_attention(
     max_query_len: int,
     num_splits: int = 1,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flat batch of new tokens over the paged cache (their K/V already written).
 
@@ -344,6 +359,8 @@ def paged_attention(
     max_query_len    host int >= every sequence's new-token count (picks tile shapes; never read on the device)
     num_splits       split-K segments per sequence's KV range (multi_block_mode); 1 = off. See choose_num_splits.
     out              [num_tokens, num_heads, head_dim] in q's dtype, written in place if given
+    k_scale, v_scale float32 device tensors [num_kv_heads] or [1], required with an int8 / float8_e4m3fn cache:
+                     K / V = code * scale (the K scale folds into the softmax scale, the V scale into the output)
     Token j of a sequence with L new tokens and context S attends to positions 0 .. S - L + j, query head h
     reading KV head h // (num_heads // num_kv_heads). Accumulates in float32; returns out (q's dtype).
     No host sync; launch sizes depend only on shapes, max_query_len and num_splits (CUDA-graph capturable).
@@ -351,6 +368,17 @@ def paged_attention(
     _check_inputs(q, kv_cache, block_tables, query_start_loc, seq_lens, max_query_len, num_splits, out)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, tokens_per_block = kv_cache.shape[3], kv_cache.shape[2]
+    kv_scaled = kv_cache.dtype in _QUANT_KV_DTYPES
+    if kv_scaled or k_scale is not None or v_scale is not None:
+        if not kv_scaled or k_scale is None or v_scale is None:
+            raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
+                             "v_scale, and scales need a quantized cache")
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if t.dtype != torch.float32 or t.numel() not in (1, num_kv_heads) or t.numel() != k_scale.numel() \
+                    or t.device != q.device \
+                    or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
+                raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
+                                 f"or [1] on {q.device}")
     num_seqs = seq_lens.shape[0]
     if out is None:
         out = torch.empty_like(q)
@@ -381,6 +409,9 @@ def paged_attention(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], SINGLE_TILE=single_tile,
         NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **(dict(k_scale_ptr=k_scale, v_scale_ptr=v_scale,
+                scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0, KV_SCALED=True)
+           if kv_scaled else {}),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

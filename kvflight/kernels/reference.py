@@ -29,18 +29,70 @@ def check_kv_write_shapes(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
     return num_kv_heads, head_dim
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+# ---- quantized KV cache (kv_cache_dtype int8 / fp8) ----------------------------------------------------------------
+KV_QMAX: dict[str, float] = {"fp8": 448.0, "int8": 127.0}  # largest code magnitude
+
+
+def kv_quant_name(dtype: torch.dtype) -> str | None:
+    """'int8' / 'fp8' for a quantized cache dtype (int8 / float8_e4m3fn), None for a float one."""
+    if dtype == torch.int8:
+        return "int8"
+    if dtype == torch.float8_e4m3fn:
+        return "fp8"
+    return None
+
+
+def _per_head(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A scale (scalar, [1] or [num_kv_heads]) shaped to broadcast over x [..., num_kv_heads, head_dim]."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(-1)
+    if s.numel() not in (1, x.shape[-2]):
+        raise ValueError(f"KV scale of {s.numel()} values for {x.shape[-2]} KV heads: expected 1 or one per head")
+    return s[:, None] if s.numel() > 1 else s.reshape(())
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., num_kv_heads, head_dim] float -> dtype (int8 / float8_e4m3fn) codes; other dtypes: a plain cast."""
+    name = kv_quant_name(dtype)
+    if name is None:
+        return x.to(dtype)
+    y = x.float() / _per_head(scale, x)
+    qmax = KV_QMAX[name]
+    y = y.clamp(-qmax, qmax)
+    if name == "int8":
+        y = torch.round(y)  # half to even, as the Triton write
+    return y.to(dtype)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor | float | None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes [..., num_kv_heads, head_dim] -> dtype values (q.float() * scale); float caches (scale None) cast."""
+    if scale is None or kv_quant_name(q.dtype) is None:
+        return q.to(dtype)
+    return (q.float() * _per_head(scale, q)).to(dtype)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Store each token's K/V at its slot, in place. Tokens with a negative slot (padding) are skipped.
 
     k, v          [num_tokens, num_kv_heads, head_dim]
     kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
     slot_mapping  [num_tokens] int32 or int64
+    k_scale, v_scale  float32 [num_kv_heads] or [1] (quantized caches: int8 / float8_e4m3fn): stored codes are
+                  clamp(round(x / scale), -127, 127) (int8) or clamp(x / scale, -448, 448) in e4m3 (fp8)
     """
     num_kv_heads, head_dim = check_kv_write_shapes(k, v, kv_cache, slot_mapping)
     key_slots = kv_cache[0].view(-1, num_kv_heads, head_dim)  # [num_blocks * tokens_per_block, Hkv, D] (a view)
     value_slots = kv_cache[1].view(-1, num_kv_heads, head_dim)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
+    if k_scale is not None or v_scale is not None:
+        # byte views: index_copy_ has no float8 kernel on CPU
+        key_slots.view(torch.uint8).index_copy_(0, slots, quantize_kv(k[valid], k_scale, kv_cache.dtype)
+                                                .view(torch.uint8))
+        value_slots.view(torch.uint8).index_copy_(0, slots, quantize_kv(v[valid], v_scale, kv_cache.dtype)
+                                                  .view(torch.uint8))
+        return
     key_slots.index_copy_(0, slots, k[valid].to(kv_cache.dtype))
     value_slots.index_copy_(0, slots, v[valid].to(kv_cache.dtype))
 
@@ -87,8 +139,12 @@ def paged_attention(
     query_lens: Sequence[int],
     seq_lens: Sequence[int],
     scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention over the paged cache for a flat batch of sequences (K/V already written).
+    A quantized cache (int8 / float8_e4m3fn) is dequantized in the gather: x = code * k_scale / v_scale
+    (float32 [num_kv_heads] or [1]).
 
     q             [num_tokens, num_heads, head_dim]: sequences' new tokens back to back, in batch order
     kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
@@ -114,6 +170,8 @@ def paged_attention(
         if query_len == 0:
             continue
         k, v = gather_kv(kv_cache, block_tables[i], seq_len)  # [S, Hkv, D]
+        if k_scale is not None or v_scale is not None:
+            k, v = dequantize_kv(k, k_scale), dequantize_kv(v, v_scale)  # float32
         out[start:start + query_len] = _attend(q[start:start + query_len], k, v, scale)
         start += query_len
     return out

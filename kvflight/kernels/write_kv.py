@@ -6,7 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflight.kernels.reference import check_kv_write_shapes
+from kvflight.kernels.reference import check_kv_write_shapes, kv_quant_name
+
+_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (y + M) - M rounds a float32 |y| < 2**22 to the nearest integer, ties even
 
 
 @triton.jit
@@ -23,6 +25,10 @@ def _write_kv_kernel(
     head_dim,
     HEAD_BLOCK: tl.constexpr,
     DIM_BLOCK: tl.constexpr,
+    k_scale_ptr=None,  # [Hkv] or [1] float32 (QUANT != 0)
+    v_scale_ptr=None,
+    scale_stride_h=0,  # 0: one scale for every head
+    QUANT: tl.constexpr = 0,  # 0: cast, 1: int8 (round half to even, +-127), 2: fp8 e4m3 (+-448)
 ):
     token = tl.program_id(0).to(tl.int64)  # one program per token: all its KV heads
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -36,20 +42,58 @@ def _write_kv_kernel(
     key = tl.load(k_ptr + token * k_stride_t + heads * k_stride_h + dims * k_stride_d, mask=mask)
     value = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + dims * v_stride_d, mask=mask)
     dst = cache_ptr + block * c_stride_block + offset * c_stride_off + heads * c_stride_h + dims * c_stride_d
+    if QUANT != 0:
+        head_ok = heads < num_kv_heads
+        ks = tl.load(k_scale_ptr + heads * scale_stride_h, mask=head_ok, other=1.0)  # [HEAD_BLOCK, 1]
+        vs = tl.load(v_scale_ptr + heads * scale_stride_h, mask=head_ok, other=1.0)
+        qmax = 127.0 if QUANT == 1 else 448.0
+        key = tl.minimum(tl.maximum(tl.div_rn(key.to(tl.float32), ks), -qmax), qmax)
+        value = tl.minimum(tl.maximum(tl.div_rn(value.to(tl.float32), vs), -qmax), qmax)
+        if QUANT == 1:
+            key = (key + _RNE_MAGIC) - _RNE_MAGIC
+            value = (value + _RNE_MAGIC) - _RNE_MAGIC
     tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + c_stride_kv, value.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Store each token's K/V at its slot, in place; tokens with a negative slot are skipped.
 
     k, v          [num_tokens, num_kv_heads, head_dim]
     kv_cache      [2, num_blocks, tokens_per_block, num_kv_heads, head_dim]
     slot_mapping  [num_tokens] int64 (or int32); slot = block_id * tokens_per_block + offset_in_block
+    k_scale, v_scale  quantized caches (int8 / float8_e4m3fn): float32 device tensors [num_kv_heads] or [1];
+                  codes as reference.quantize_kv (no host sync: CUDA-graph capturable)
     """
     num_kv_heads, head_dim = check_kv_write_shapes(k, v, kv_cache, slot_mapping)
     num_tokens = k.shape[0]
     if num_tokens == 0:
+        return
+    quant = kv_quant_name(kv_cache.dtype)
+    if quant is not None or k_scale is not None or v_scale is not None:
+        if quant is None or k_scale is None or v_scale is None:
+            raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
+                             "v_scale, and scales need a quantized cache")
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if t.dtype != torch.float32 or t.numel() not in (1, num_kv_heads) or t.numel() != k_scale.numel() \
+                    or t.device != kv_cache.device \
+                    or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
+                raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
+                                 f"or [1] on {kv_cache.device}")
+        _write_kv_kernel[(num_tokens,)](
+            k, v, kv_cache, slot_mapping,
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
+            kv_cache.shape[2], num_kv_heads, head_dim,
+            HEAD_BLOCK=triton.next_power_of_2(num_kv_heads),
+            DIM_BLOCK=triton.next_power_of_2(head_dim),
+            k_scale_ptr=k_scale, v_scale_ptr=v_scale,
+            scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0,
+            QUANT=1 if quant == "int8" else 2,
+            num_warps=4,
+        )
         return
     _write_kv_kernel[(num_tokens,)](
         k, v, kv_cache, slot_mapping,

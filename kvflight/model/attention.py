@@ -100,30 +100,40 @@ def positions_for(query_lens: Sequence[int], seq_lens: Sequence[int],
     return torch.tensor(pos, dtype=torch.int64, device=device)
 
 
-# A backend: (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], kv_cache | None, meta, scale) -> out [T, Hq, D]
+# A backend: (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], kv_cache | None, meta, scale) -> out [T, Hq, D];
+# with a quantized cache (kv_cache_dtype int8 / fp8) it is also called with kv_scales=[2, Hkv] float32 (K row, V row)
 AttentionBackendFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", AttentionMetadata, float], torch.Tensor]
 
 
 def _reference_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                       meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     if kv_cache is None or kv_cache.numel() == 0:
         # no cache (e.g. a memory-profiling forward): only valid when no sequence has earlier context
         if not meta.is_prefill_only:
             raise ValueError("attention without a KV cache only works when every sequence is a fresh prefill "
                              "(query_lens == seq_lens)")
         return reference.prefill_attention(q, k, v, meta.query_lens_cpu, scale)
+    if kv_scales is not None:
+        reference.write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales[0], kv_scales[1])
+        return reference.paged_attention(q, kv_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu,
+                                         scale, kv_scales[0], kv_scales[1])
     reference.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
     return reference.paged_attention(q, kv_cache, meta.block_tables, meta.query_lens_cpu, meta.seq_lens_cpu, scale)
 
 
 def _triton_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Triton KV write + one paged-attention launch for the whole mixed batch (CUDA-graph capturable)."""
     from kvflight.kernels import paged_attention, write_kv
 
     if kv_cache is None or kv_cache.numel() == 0:
         raise ValueError("the triton attention backend needs a KV cache tensor (prefills write into it)")
+    if kv_scales is not None:
+        write_kv.write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales[0], kv_scales[1])
+        return paged_attention.paged_attention(q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                                               scale, max_query_len=meta.max_query_len, num_splits=meta.num_splits,
+                                               k_scale=kv_scales[0], v_scale=kv_scales[1])
     write_kv.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
     return paged_attention.paged_attention(q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                            scale, max_query_len=meta.max_query_len, num_splits=meta.num_splits)
@@ -157,10 +167,15 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.backend = backend
+        # quantized KV cache (kv_cache_dtype int8 / fp8): [2, num_kv_heads] float32 K / V scales on the cache's
+        # device, set by the runner (kvflight.quant.kv_cache.set_kv_scales); None = a float cache
+        self.kv_scales: torch.Tensor | None = None
         if backend not in _BACKENDS:
             raise ValueError(f"unknown attention backend '{backend}'; available: {', '.join(_BACKENDS)}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q [T, Hq, D], k / v [T, Hkv, D], kv_cache [2, num_blocks, tokens_per_block, Hkv, D] -> [T, Hq, D]."""
+        if self.kv_scales is not None and kv_cache is not None and kv_cache.numel() > 0:
+            return _BACKENDS[self.backend](q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales)
         return _BACKENDS[self.backend](q, k, v, kv_cache, meta, self.scale)

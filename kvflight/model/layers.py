@@ -1,8 +1,9 @@
 """TP-ready building blocks: parallel linears / embeddings with per-rank weight loaders, RMSNorm, RoPE, SiLU-and-mul.
 
-Tensor parallelism is not wired yet (world size 1), but every layer already keeps only its rank's slice and its
-`weight_loader(param, loaded_weight, shard_id=None)` takes that slice out of the full checkpoint tensor, so turning
-TP on means setting the rank / size (set_tensor_parallel) and filling in the two collectives below.
+Every layer keeps only its rank's slice and its `weight_loader(param, loaded_weight, shard_id=None)` takes that slice
+out of the full checkpoint tensor. The process's TP rank / size (set_tensor_parallel, before building the model) is
+read at construction; the two collectives below go through torch.distributed's default process group when the size
+is > 1 (gloo on CPU, NCCL on GPUs; kvflight/runner/tp_workers.py sets it up). One process holds one TP group.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ def set_tensor_parallel(rank: int, size: int) -> None:
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum partial results over the TP group (identity at world size 1)."""
+    """Sum partial results over the TP group in place (identity at world size 1)."""
     if get_tp_size() == 1:
         return x
     import torch.distributed as dist
 
+    if not dist.is_initialized():
+        raise RuntimeError(f"tensor parallel size {get_tp_size()} but torch.distributed is not initialized; "
+                           "build TP models through the Engine (kvflight/runner/tp_workers.py sets up the group)")
     dist.all_reduce(x)
     return x
 

@@ -119,7 +119,10 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="fp8 weight scales per tensor (default, one per projection, as TensorRT-LLM) or per output "
                         "channel")
     p.add_argument("--kv-cache-dtype", "--kv_cache_dtype", choices=("int8", "fp8"), default=None,
-                   help="recorded in the checkpoint for the KV-cache quantization")
+                   help="KV cache quantization: calibrate max |K| / |V| per layer and KV head on the calibration "
+                        "data (after the weights are quantized) and record kv_cache_dtype, kv_cache_amax and "
+                        "kv_cache_scales in config.json; `kvflight serve` then runs an int8 / fp8 KV cache with "
+                        "these scales (kv_cache_dtype auto follows the checkpoint)")
     p.add_argument("--awq-grid", type=int, default=20, help="AWQ scale-exponent grid points (default 20)")
     p.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="AWQ: skip the clipping search")
     p.add_argument("--awq-search-tokens", "--search-tokens", dest="awq_search_tokens", type=int,
@@ -179,8 +182,20 @@ def run_quantize(args: argparse.Namespace) -> int:
     awq = AwqOptions(group_size=args.group_size, zero_point=args.zero_point, scale_grid=args.awq_grid,
                      clip=args.awq_clip)
     report = quantize_in_memory(model, config, sequences, awq, args.awq_search_tokens)
+    kv_amax = None
+    if args.kv_cache_dtype is not None:
+        from kvflight.quant.kv_cache import collect_kv_amax, fold_into_vocab
+        kv_sequences = fold_into_vocab(sequences or calibration_sequences(
+            tokenizer, args.calib_dataset, args.calib_size, args.calib_max_seq_length, arch.vocab_size),
+            arch.vocab_size)
+        kv_amax = collect_kv_amax(model, kv_sequences)  # through the quantized weights: what serving will see
+        logger.info("KV cache %s: calibrated max |K| / |V| per layer and KV head on %d tokens", args.kv_cache_dtype,
+                    sum(len(s) for s in kv_sequences))
     written = write_checkpoint(model, hf_config, config, args.output, tokenizer, out_dtype,
                                extra_info={"source": resolved.path or resolved.preset, "report": report})
+    if kv_amax is not None:
+        from kvflight.quant.kv_cache import record_kv_calibration
+        record_kv_calibration(args.output, args.kv_cache_dtype, kv_amax)
     summary = {"output": args.output, "qformat": args.qformat, "linears": describe_quantization(model),
                "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                "files": len(written), "seconds": round(time.perf_counter() - t0, 1)}

@@ -36,6 +36,7 @@ class MemoryPlan:
     kv_bytes_per_block: int
     num_blocks: int
     tokens_per_block: int
+    kv_cache_dtype: str = ""  # the cache's element type (e.g. bfloat16, int8, float8_e4m3fn)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -46,7 +47,8 @@ class MemoryPlan:
         return (f"memory: total {self.total_bytes / gib:.2f} GiB | weights {self.weights_bytes / gib:.2f} GiB | "
                 f"activations (profiled peak) {self.activation_peak_bytes / gib:.2f} GiB | KV cache "
                 f"{self.kv_cache_bytes / gib:.2f} GiB = {self.num_blocks} blocks x {self.tokens_per_block} tokens "
-                f"({self.kv_bytes_per_block / 1024:.1f} KiB/block) = {self.kv_capacity_tokens} tokens")
+                f"({self.kv_bytes_per_block / 1024:.1f} KiB/block) = {self.kv_capacity_tokens} tokens"
+                + (f" | KV dtype {self.kv_cache_dtype}" if self.kv_cache_dtype else ""))
 
 
 @dataclass
@@ -65,6 +67,11 @@ class ModelRunner:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.tokens_per_block = config.cache.tokens_per_block
+        from kvflight.model.layers import get_tp_size
+        # this rank's KV heads (all of them at tp 1; replicated, one per rank, when fewer than the ranks)
+        tp = get_tp_size()
+        self.num_kv_heads = arch.num_kv_heads if tp == 1 else max(1, arch.num_kv_heads // tp)
+        self.skip_sampling = False  # tensor-parallel workers (ranks > 0): forward and logits only, rank 0 samples
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             self._free_before_load, self._total = torch.cuda.mem_get_info(self.device)
@@ -79,6 +86,7 @@ class ModelRunner:
         self.weights_bytes = self._allocated() - mem0 if self.device.type == "cuda" else sum(
             p.numel() * p.element_size() for p in self.model.parameters())
         self.sampler = Sampler(self.device, seed=config.model.seed)
+        self._init_kv_cache_dtype(resolved)
         self.kv_caches: list[torch.Tensor] = []
         self.kv_offloader: KVOffloader | None = None
         self.plan: MemoryPlan | None = None
@@ -102,7 +110,41 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        return self.tokens_per_block * self.arch.kv_bytes_per_token(self.dtype.itemsize)
+        if self.num_kv_heads != self.arch.num_kv_heads:  # tensor parallel: this rank's heads
+            return self.tokens_per_block * 2 * self.arch.num_layers * self.num_kv_heads * self.arch.head_dim * \
+                self.kv_dtype.itemsize
+        return self.tokens_per_block * self.arch.kv_bytes_per_token(self.kv_dtype.itemsize)
+
+    def _init_kv_cache_dtype(self, resolved: ResolvedModel) -> None:
+        """kv_cache_dtype: auto = the compute dtype (or the kv_cache_dtype a `kvflight quantize --kv-cache-dtype`
+        checkpoint records); int8 / fp8: 1-byte cache tensors and per-layer, per-KV-head K / V scales on each
+        Attention (the checkpoint's calibrated ones, else a short calibration prefill now)."""
+        name = self.config.cache.kv_cache_dtype
+        self.kv_cache_dtype = name
+        self.kv_dtype = self.dtype
+        if name == "auto":
+            from kvflight.quant.kv_cache import checkpoint_kv_cache_dtype
+            recorded = checkpoint_kv_cache_dtype(resolved.path) if resolved.path else None
+            if recorded is None:
+                return
+            logger.info("kv_cache_dtype auto: the checkpoint records kv_cache_dtype=%s", recorded)
+            import dataclasses
+            name = self.kv_cache_dtype = recorded
+            self.config = dataclasses.replace(self.config, cache=dataclasses.replace(self.config.cache,
+                                                                                     kv_cache_dtype=recorded))
+        from kvflight.model.loader import load_tokenizer
+        from kvflight.quant.kv_cache import kv_cache_torch_dtype, resolve_kv_scales, set_kv_scales
+        self.kv_dtype = kv_cache_torch_dtype(name, self.dtype)
+        scales, source = resolve_kv_scales(
+            self.model, name, resolved.path, lambda: load_tokenizer(resolved, self.config.model.tokenizer),
+            self.arch.vocab_size, self.config.model.seed)
+        set_kv_scales(self.model, scales)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("KV cache %s (%s): per-layer K / V scales per KV head from %s; K scale range %.3g..%.3g, "
+                    "V %.3g..%.3g", name, str(self.kv_dtype).replace("torch.", ""), source,
+                    float(scales[:, 0].min()), float(scales[:, 0].max()), float(scales[:, 1].min()),
+                    float(scales[:, 1].max()))
 
     def plan_kv_cache(self) -> MemoryPlan:
         """Size the KV pool with the planner's arithmetic (the same as `kvflight plan`), fed with what was measured
@@ -129,7 +171,7 @@ class ModelRunner:
             logger.warning(report.refusal_message())
         num_blocks = report.num_blocks * report.kv_bytes_per_block // per_block
         return MemoryPlan(total, self.weights_bytes, activation_peak, num_blocks * per_block, per_block,
-                          num_blocks, self.tokens_per_block)
+                          num_blocks, self.tokens_per_block, str(self.kv_dtype).replace("torch.", ""))
 
     @torch.inference_mode()
     def _profile_peak_activation_bytes(self) -> int:
@@ -161,9 +203,9 @@ class ModelRunner:
     def _alloc_kv(self, num_blocks: int, num_tensors: int | None = None) -> list[torch.Tensor]:
         a = self.arch
         # one extra scratch block at the end: padded slots write there, real blocks are never touched
-        shape = (2, num_blocks + 1, self.tokens_per_block, a.num_kv_heads, a.head_dim)
+        shape = (2, num_blocks + 1, self.tokens_per_block, self.num_kv_heads, a.head_dim)
         count = a.num_layers if num_tensors is None else num_tensors
-        return [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(count)]
+        return [torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in range(count)]
 
     def allocate_kv_cache(self, plan: MemoryPlan, num_host_blocks: int = 0) -> None:
         """The device KV pool, the host tier (num_host_blocks pinned blocks; 0 = none), then kernel warm-up and
@@ -197,7 +239,7 @@ class ModelRunner:
         if self.kernel_backend != "triton":
             return 1
         from kvflight.kernels.paged_attention import choose_num_splits
-        return choose_num_splits(num_seqs, self.arch.num_kv_heads, max_query_len, max_seq_len, self._num_sms,
+        return choose_num_splits(num_seqs, self.num_kv_heads, max_query_len, max_seq_len, self._num_sms,
                                  self.config.runtime.multi_block_mode)
 
     def _graph_split_options(self, size: int) -> list[int]:
@@ -271,6 +313,8 @@ class ModelRunner:
             if not rows:
                 return RunnerOutput([], None)
             logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # [samples, vocab]
+        if self.skip_sampling:
+            return RunnerOutput([], None)
         sampled = self.sampler(logits, rows)
         token_ids = sampled.token_ids.tolist()  # the step's one host sync
         want_logprobs = any(r.sampling_params.logprobs is not None for r in rows)

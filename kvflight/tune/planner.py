@@ -902,8 +902,8 @@ def _notes(r: MemoryPlanReport) -> list[str]:
         notes.append(f"enable_chunked_context is off and max_num_tokens={i.max_num_tokens} < max_input_len="
                      f"{r.max_input_len}: the engine refuses; raise max_num_tokens or enable chunked context")
     if i.kv_cache_dtype != "auto":
-        notes.append(f"kv_cache_dtype={i.kv_cache_dtype}: planned at 1 byte per element; the engine accepts only "
-                     "auto so far")
+        notes.append(f"kv_cache_dtype={i.kv_cache_dtype}: planned at 1 byte per element (codes with per-layer, "
+                     "per-KV-head K / V scales)")
     if i.tensor_parallel_size > 1:
         notes.append(f"tensor_parallel_size={i.tensor_parallel_size}: figures are per GPU; the engine accepts only 1 "
                      "so far; see `kvflight topo` for whether a custom all-reduce pays on your GPUs")
