@@ -71,6 +71,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     if num_tokens == 0:
         return
     quant = kv_quant_name(kv_cache.dtype)
+    quant_args: dict = {}  # the plain-dtype launch uses the kernel's defaults (no scales, QUANT=0)
     if quant is not None or k_scale is not None or v_scale is not None:
         if quant is None or k_scale is None or v_scale is None:
             raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
@@ -81,20 +82,9 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
                     or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
                 raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
                                  f"or [1] on {kv_cache.device}")
-        _write_kv_kernel[(num_tokens,)](
-            k, v, kv_cache, slot_mapping,
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
-            kv_cache.shape[2], num_kv_heads, head_dim,
-            HEAD_BLOCK=triton.next_power_of_2(num_kv_heads),
-            DIM_BLOCK=triton.next_power_of_2(head_dim),
-            k_scale_ptr=k_scale, v_scale_ptr=v_scale,
-            scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0,
-            QUANT=1 if quant == "int8" else 2,
-            num_warps=4,
-        )
-        return
+        quant_args = dict(k_scale_ptr=k_scale, v_scale_ptr=v_scale,
+                          scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0,
+                          QUANT=1 if quant == "int8" else 2)
     _write_kv_kernel[(num_tokens,)](
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), k.stride(2),
@@ -104,4 +94,5 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         HEAD_BLOCK=triton.next_power_of_2(num_kv_heads),
         DIM_BLOCK=triton.next_power_of_2(head_dim),
         num_warps=4,
+        **quant_args,
     )
