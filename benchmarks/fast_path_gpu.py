@@ -42,16 +42,18 @@ def main() -> int:
     ap.add_argument("--kernel-backend", default="auto")
     ap.add_argument("--max-batch-size", type=int, default=256)
     ap.add_argument("--max-num-tokens", type=int, default=8192)
+    ap.add_argument("--async-scheduling", default="auto", choices=("auto", "on", "off"))
     args = ap.parse_args()
     only = set(args.only.split(","))
     bw = copy_bandwidth_bytes_per_s()
     flops = matmul_flops_per_s()
     print(f"device {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s | bf16 matmul {flops / 1e12:.0f} "
           f"TFLOP/s | backend {args.kernel_backend} | eager {args.eager} | max_batch_size {args.max_batch_size} "
-          f"| max_num_tokens {args.max_num_tokens}")
+          f"| max_num_tokens {args.max_num_tokens} | async_scheduling {args.async_scheduling}")
     table = Table()
     engine_args = dict(load_format="dummy", enforce_eager=args.eager, kernel_backend=args.kernel_backend,
                        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+                       async_scheduling=args.async_scheduling,
                        enable_kv_cache_reuse=False)  # repeated prompts must be computed again to be timed
     if only & {"memory", "decode", "prefill", "offline"}:
         t0 = time.perf_counter()

@@ -144,6 +144,9 @@ class RuntimeConfig:
     cuda_graph_max_batch_size: int | None = _f(
         None, "largest decode batch captured as a CUDA graph (default: max_batch_size, at most 512)")
     log_iteration_stats: bool = _f(False, "log one JSON line of scheduler / KV stats per iteration")
+    async_scheduling: str = _f(
+        "auto", "schedule and launch step N+1 while the GPU runs step N (its sampled tokens stay on the device): "
+        "auto (on for CUDA at tensor_parallel_size 1), on, off", choices=("auto", "on", "off"))
 
     def __post_init__(self) -> None:
         if self.cuda_graph_max_batch_size is not None and self.cuda_graph_max_batch_size < 1:

@@ -124,6 +124,14 @@ class Request:
     first_token_time: float | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # filled by the engine
     generator: Any = None  # torch.Generator for seeded sampling, owned by the runner
+    # tokens owed by scheduled steps that sample this request but not yet appended to all_token_ids
+    # (Scheduler.schedule adds 1, Scheduler.update takes 1 off): at scheduling time at most 1, the last launch's sample,
+    # which the scheduler counts as known and the runner reads from that launch's output row on the device
+    num_pending_tokens: int = 0
+    pending_row: int = -1  # the row of the last launched step's sampled tokens that holds the pending token
+    # the sampler reads this request's past tokens (penalties, bad words, min_tokens): it cannot run a step whose
+    # previous token is still pending, so the engine completes the step before scheduling the next (set by the engine)
+    needs_token_history: bool = False
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -174,7 +174,7 @@ class LatencyRunner:
             iteration = eng.iteration
             outputs = eng.step()
             now = time.perf_counter()
-            if eng.iteration == iteration:  # nothing was scheduled
+            if eng.iteration == iteration and not outputs:  # nothing was scheduled or completed
                 idle += 1
                 if idle > MAX_IDLE_STEPS or not eng.has_unfinished_requests():
                     eng.abort_requests(list(pending))

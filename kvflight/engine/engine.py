@@ -13,7 +13,7 @@ from typing import Any
 from kvflight.cache.kv_manager import KVCacheManager
 from kvflight.config import ConfigError, EngineConfig
 from kvflight.model.loader import ResolvedModel, load_arch, load_tokenizer, resolve_model
-from kvflight.runner.model_runner import ModelRunner, RunnerOutput
+from kvflight.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
 from kvflight.runner.tp_workers import TensorParallelError, TPWorkerGroup
 from kvflight.sched.scheduler import Scheduler
 from kvflight.types import FinishReason, Request, SchedulerOutput, StepOutput
@@ -84,10 +84,22 @@ class Engine:
                                  num_host_blocks=self.num_host_blocks)
         self.scheduler = Scheduler(sched, self.kv, self.max_seq_len)
         self.iteration = 0
+        self.async_scheduling = self._resolve_async_scheduling()
+        self._inflight: tuple[SchedulerOutput, LaunchedStep, bool] | None = None  # (step, launch, needs sync)
         logger.info("engine ready in %.1f s: %s, %s on %s, max_seq_len=%d, max_input_len=%d, max_batch_size=%d, "
                     "max_num_tokens=%d, policy=%s", time.perf_counter() - t0, self.resolved.name,
                     str(self.runner.dtype).removeprefix("torch."), self.runner.device, self.max_seq_len,
                     self.max_input_len, sched.max_batch_size, sched.max_num_tokens, sched.batch_scheduler_policy)
+
+    def _resolve_async_scheduling(self) -> bool:
+        mode = self.config.runtime.async_scheduling
+        tp = self.config.parallel.tensor_parallel_size
+        if mode == "on" and tp > 1:
+            raise ConfigError(f"async_scheduling=on needs tensor_parallel_size 1 (got {tp}): the workers get each "
+                              "step's token ids from rank 0's host; set async_scheduling to auto or off")
+        if mode not in ("auto", "on", "off"):
+            raise ConfigError(f"async_scheduling={mode!r}: expected auto, on or off")
+        return mode == "on" or (mode == "auto" and tp == 1 and self.runner.device.type == "cuda")
 
     def _num_host_blocks(self, kv_bytes_per_block: int) -> int:
         """Host-tier blocks: kv_host_cache_bytes // KV bytes per block (0 without reuse: nothing would hit them)."""
@@ -140,6 +152,10 @@ class Engine:
         request.max_tokens = max_tokens
         if not request.eos_token_ids:
             request.eos_token_ids = self.eos_token_ids
+        sp = request.sampling_params
+        request.needs_token_history = bool(
+            sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty or sp.min_tokens
+            or request.bad_words_token_ids)
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -149,32 +165,71 @@ class Engine:
         self.scheduler.finish_requests(request_ids, reason)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests queued or running, or a launched step not yet completed."""
+        return self.scheduler.has_unfinished_requests() or self._inflight is not None
 
     # ---- one iteration ------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        """One iteration: schedule, run, return what it produced.
+
+        With asynchronous scheduling, a call schedules and launches step N+1 first, then waits for step N's tokens
+        and returns step N's outputs: the host's work (scheduling, input preparation, stop checks, the caller's
+        detokenization) overlaps the device's. Step N+1 counts each request's step-N token as known (pending) and
+        reads it on the device; a request that stops at step N wastes its row of step N+1. A step whose requests'
+        sampling reads their past tokens (penalties, bad words, min_tokens) is completed before the next is
+        scheduled.
+        """
         t0 = time.perf_counter()
+        if not self.async_scheduling:
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                return []
+            if self.tp_workers is None:
+                result = self.runner.execute(out)
+            else:
+                result = self._execute_tensor_parallel(out)
+            outputs = self._complete(out, result)
+            self._log_stats(t0)
+            return outputs
+        outputs: list[StepOutput] = []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and prev[2]:
+            outputs = self._complete(prev[0], self.runner.resolve(prev[1]))
+            prev = None
         out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        if self.tp_workers is None:
-            result = self.runner.execute(out)
-        else:
-            result = self._execute_tensor_parallel(out)
-        sampled_rows = [s.request for s in out.scheduled if s.do_sample]
-        self.scheduler.update(out, result.token_ids)
+        if not out.is_empty:
+            launched = self.runner.launch(out)
+            self._inflight = (out, launched, any(r.needs_token_history for r in launched.rows))
+        if prev is not None:
+            outputs += self._complete(prev[0], self.runner.resolve(prev[1]))
+        if not out.is_empty:
+            self._log_stats(t0)
+        return outputs
+
+    def _complete(self, out: SchedulerOutput, result: RunnerOutput) -> list[StepOutput]:
+        """Apply a step's sampled tokens to the scheduler; the StepOutputs of the requests that got one."""
+        reqs = self.scheduler.update(out, result.token_ids)
+        logprobs = result.logprobs
+        if logprobs is not None and len(reqs) != len(result.token_ids):
+            # some rows were dropped (aborted while the step ran): realign the logprobs with the kept rows
+            kept = {id(r) for r in reqs}
+            rows = [s.request for s in out.scheduled if s.do_sample]
+            logprobs = [lp for r, lp in zip(rows, logprobs) if id(r) in kept]
         outputs = []
-        for i, (req, tok) in enumerate(zip(sampled_rows, result.token_ids)):
+        for i, req in enumerate(reqs):
+            lp = logprobs[i] if logprobs is not None else None
             outputs.append(StepOutput(
-                request_id=req.request_id, new_token_ids=[tok],
-                new_logprobs=[result.logprobs[i]] if result.logprobs and result.logprobs[i] is not None else None,
+                request_id=req.request_id, new_token_ids=[req.all_token_ids[-1]],
+                new_logprobs=[lp] if lp is not None else None,
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens))
+        return outputs
+
+    def _log_stats(self, t0: float) -> None:
         self.iteration += 1
         if self.config.runtime.log_iteration_stats:
             stats_logger.info(json.dumps(self.iteration_stats(time.perf_counter() - t0), sort_keys=True))
-        return outputs
 
     def _execute_tensor_parallel(self, out: SchedulerOutput) -> RunnerOutput:
         """Send the step's diff to ranks 1..N-1, run rank 0's forward (collectives with them) and sample; a dead or

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflight.kernels.w8a16_matmul import choose_blocks
+from kvflight.kernels.w8a16_matmul import KernelConfig, choose_config
 
 
 @triton.jit
@@ -86,7 +86,8 @@ def _w4a16_matmul_kernel(
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+                 group_size: int, bias: torch.Tensor | None = None, split_k: int | None = None,
+                 config: KernelConfig | None = None) -> torch.Tensor:
     """x [M, K] (or [..., K]), qweight [N, K / 2] uint8, scales / zeros [N, K / group_size] -> [M, N] x.dtype."""
     K = x.shape[-1]
     N = qweight.shape[0]
@@ -107,21 +108,23 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     sc = scales if scales.stride(-1) == 1 else scales.contiguous()
     zr = None if zeros is None else (zeros if zeros.stride(-1) == 1 else zeros.contiguous())
     M = x2.shape[0]
-    block_m, block_n, block_k, auto_split = choose_blocks(M, N, K, x2.device, max_block_k=group_size)
-    split = auto_split if split_k is None else split_k
+    cfg = config or choose_config(M, N, K, x2.device, max_block_k=group_size)
+    if group_size % cfg.block_k:
+        raise ValueError(f"w4a16_matmul: block_k={cfg.block_k} must divide group_size={group_size}")
+    split = cfg.split_k if split_k is None else split_k
     if split > 1:
         out = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
     else:
         out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M > 0 and N > 0:
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split)
+        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
         _w4a16_matmul_kernel[grid](
             x2, qw, sc, zr if zr is not None else qw, bias if bias is not None else sc, out, M, N, K,
             x2.stride(0), qw.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0, out.stride(0),
             GROUP_SIZE=group_size, HAS_ZEROS=zr is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
             DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=4 if block_m * block_n <= 64 * 64 else 8, num_stages=3)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         out = out.to(x2.dtype)
     return out.view(*x.shape[:-1], N)

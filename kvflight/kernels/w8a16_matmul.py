@@ -1,4 +1,5 @@
-"""Triton W8A16 matmul: y = x (qweight * scale)^T with int8 weights per output channel, dequantized in the inner loop.
+"""Triton W8A16 matmul: y = x (qweight * scale)^T with 8-bit weights (int8, or float8 e4m3 for fp8's small batches)
+per output channel, dequantized in the inner loop.
 
 A drop-in for reference.w8a16_matmul. Activations float16 / bfloat16 (float32 accepted for tests), float32
 accumulation; the per-channel scale is applied once to the accumulator. For small M (decode) the K loop is split
@@ -8,6 +9,7 @@ over SPLIT_K programs that add into a float32 buffer, so that a 1-token matmul s
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,7 +19,7 @@ import triton.language as tl
 @triton.jit
 def _w8a16_matmul_kernel(
     x_ptr,  # [M, K] activations
-    w_ptr,  # [N, K] int8
+    w_ptr,  # [N, K] int8 or float8e4nv
     scale_ptr,  # [N] float32
     bias_ptr,  # [N] (unused unless HAS_BIAS)
     out_ptr,  # [M, N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
@@ -29,6 +31,7 @@ def _w8a16_matmul_kernel(
     stride_om,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    W_FP8: tl.constexpr,  # w_ptr holds float8 e4m3 codes (passed as int8 bytes)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 activations (no tf32), else "tf32" (ignored for 16-bit)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -51,7 +54,9 @@ def _w8a16_matmul_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)  # [BM, BK]
         w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=n_mask[None, :] & k_mask[:, None],
-                    other=0)  # [BK, BN] int8
+                    other=0)  # [BK, BN] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
+        if W_FP8:
+            w = w.to(tl.float8e4nv, bitcast=True)
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     scale = tl.load(scale_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
     acc = acc * scale[None, :]
@@ -79,6 +84,17 @@ def _num_programs_target(device: torch.device) -> int:
     return 4
 
 
+class KernelConfig(NamedTuple):
+    """Tile sizes and launch shape of the weight-only matmul kernels (W8A16, W4A16)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
 def choose_blocks(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for a problem shape; BLOCK_K <= max_block_k (a power of two >= 16).
 
@@ -103,35 +119,46 @@ def choose_blocks(M: int, N: int, K: int, device: torch.device, max_block_k: int
     return block_m, block_n, block_k, split_k
 
 
+def choose_config(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128) -> KernelConfig:
+    block_m, block_n, block_k, split = choose_blocks(M, N, K, device, max_block_k)
+    return KernelConfig(block_m, block_n, block_k, split, 4 if block_m * block_n <= 64 * 64 else 8, 3)
+
+
 def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x [M, K] (or [..., K]), qweight [N, K] int8, scale [N] float32, bias [N] -> [M, N] in x's dtype."""
+                 bias: torch.Tensor | None = None, split_k: int | None = None,
+                 config: KernelConfig | None = None) -> torch.Tensor:
+    """x [M, K] (or [..., K]), qweight [N, K] int8 or float8_e4m3fn, scale [N] float32, bias [N] -> [M, N] in x's
+    dtype. config: tiles and launch shape (default: choose_config's heuristic; split_k overrides its split)."""
     K = x.shape[-1]
     N = qweight.shape[0]
-    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != K:
-        raise ValueError(f"w8a16_matmul: qweight {tuple(qweight.shape)} {qweight.dtype}: expected [N, {K}] int8")
+    if qweight.dtype not in (torch.int8, torch.float8_e4m3fn) or qweight.dim() != 2 or qweight.shape[1] != K:
+        raise ValueError(f"w8a16_matmul: qweight {tuple(qweight.shape)} {qweight.dtype}: expected [N, {K}] int8 or "
+                         "float8_e4m3fn")
     if scale.shape != (N,) or scale.dtype != torch.float32:
         raise ValueError(f"w8a16_matmul: scale {tuple(scale.shape)} {scale.dtype}: expected [{N}] float32")
     x2 = x.reshape(-1, K)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     w = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    w_fp8 = w.dtype == torch.float8_e4m3fn
+    if w_fp8:
+        w = w.view(torch.int8)
     M = x2.shape[0]
-    block_m, block_n, block_k, auto_split = choose_blocks(M, N, K, x2.device)
-    split = auto_split if split_k is None else split_k
+    cfg = config or choose_config(M, N, K, x2.device)
+    split = cfg.split_k if split_k is None else split_k
     if split > 1:
         out = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
     else:
         out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M > 0 and N > 0:
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split)
+        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
         _w8a16_matmul_kernel[grid](
             x2, w, scale, bias if bias is not None else scale, out, M, N, K,
             x2.stride(0), w.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split,
+            HAS_BIAS=bias is not None, SPLIT_K=split, W_FP8=w_fp8,
             DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=4 if block_m * block_n <= 64 * 64 else 8, num_stages=3)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         out = out.to(x2.dtype)
     return out.view(*x.shape[:-1], N)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from kvflight.kernels.reference import check_kv_write_shapes, kv_quant_name
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (y + M) - M rounds a float32 |y| < 2**22 to the nearest integer, ties even
+# 1.5 * 2**23: (y + M) - M rounds a float32 |y| < 2**22 to the nearest integer, ties even (the interpreter's
+# rounding; compiled kernels use libdevice rint, the same rounding in one instruction)
+_RNE_MAGIC = tl.constexpr(12582912.0)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -28,7 +34,8 @@ def _write_kv_kernel(
     k_scale_ptr=None,  # [Hkv] or [1] float32 (QUANT != 0)
     v_scale_ptr=None,
     scale_stride_h=0,  # 0: one scale for every head
-    QUANT: tl.constexpr = 0,  # 0: cast, 1: int8 (round half to even, +-127), 2: fp8 e4m3 (+-448)
+    QUANT: tl.constexpr = 0,
+    INTERPRETED: tl.constexpr = False,  # 0: cast, 1: int8 (round half to even, +-127), 2: fp8 e4m3 (+-448)
 ):
     token = tl.program_id(0).to(tl.int64)  # one program per token: all its KV heads
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -50,8 +57,12 @@ def _write_kv_kernel(
         key = tl.minimum(tl.maximum(tl.div_rn(key.to(tl.float32), ks), -qmax), qmax)
         value = tl.minimum(tl.maximum(tl.div_rn(value.to(tl.float32), vs), -qmax), qmax)
         if QUANT == 1:
-            key = (key + _RNE_MAGIC) - _RNE_MAGIC
-            value = (value + _RNE_MAGIC) - _RNE_MAGIC
+            if INTERPRETED:
+                key = (key + _RNE_MAGIC) - _RNE_MAGIC
+                value = (value + _RNE_MAGIC) - _RNE_MAGIC
+            else:
+                key = libdevice.rint(key)
+                value = libdevice.rint(value)
     tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + c_stride_kv, value.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -94,5 +105,6 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         HEAD_BLOCK=triton.next_power_of_2(num_kv_heads),
         DIM_BLOCK=triton.next_power_of_2(head_dim),
         num_warps=4,
+        INTERPRETED=_INTERPRETED,
         **quant_args,
     )

@@ -5,8 +5,12 @@ ONE int32 host buffer at fixed offsets and travel to the device in one non-block
 ([max_num_seqs, max_blocks_per_seq] int32) travel in a second copy of only the rows and columns the step uses.
 The device tensors never move, so CUDA graphs captured over views of them replay with new contents.
 
-The host buffer is reused every step: the caller must not refill it before the previous step's copy ran (the
-runner's one host sync per step — reading the sampled tokens — guarantees that).
+Two host staging sets are used in turn, so step N+1 can be prepared while step N's copy still waits in the stream
+(asynchronous scheduling); the caller must not prepare step N+2 before step N's copy ran (the runner reads step N's
+sampled tokens, which come after that copy on the stream, before preparing step N+2).
+
+Asynchronous scheduling also leaves some input tokens on the device: a decode row whose token is the previous step's
+sample gets it by one scatter from that step's sampled-token tensor (`pending`), after the copy, before the forward.
 """
 
 from __future__ import annotations
@@ -47,13 +51,15 @@ class InputBuffers:
         self._ids, self._pos, self._slots = 0, t, 2 * t
         self._qsl = 3 * t
         self._seq_lens = self._qsl + s + 1
-        self._logits = self._seq_lens + s
+        self._pend_dst = self._seq_lens + s  # token indices whose id is a previous step's sample on the device
+        self._pend_src = self._pend_dst + s  # ... and the row of that step's sampled tokens holding it
+        self._logits = self._pend_src + s
         size = self._logits + s
-        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)  # [size]
-        self.host_np = self.host.numpy()
+        self._hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]  # [size] each
+        self._host_tables = [torch.zeros((s, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
+                             for _ in range(2)]  # [max_num_seqs, max_blocks_per_seq] each
+        self._turn = 0
         self.dev = torch.zeros(size, dtype=torch.int32, device=device)  # [size]
-        self.host_block_tables = torch.zeros((s, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
-        self.host_block_tables_np = self.host_block_tables.numpy()  # [max_num_seqs, max_blocks_per_seq]
         self.dev_block_tables = torch.zeros((s, max_blocks_per_seq), dtype=torch.int32, device=device)
         self._arange = np.arange(max(t, s) + 1, dtype=np.int64)
 
@@ -70,14 +76,20 @@ class InputBuffers:
                 d[self._logits:self._logits + num_samples])
 
     def prepare(self, starts: list[int], num_new: list[int], tables: list[list[int]], do_sample: list[bool],
-                token_ids: list[list[int]], pad_num_seqs: int | None = None) -> StepInputs:
+                token_ids: list[list[int]], pad_num_seqs: int | None = None,
+                pending: tuple[list[int], list[int], torch.Tensor] | None = None) -> StepInputs:
         """Fill the host staging for one step, copy it to the device, return device views.
 
         starts[i]: tokens of sequence i already in the cache; num_new[i]: its new tokens token_ids[i];
         tables[i]: its whole block table. pad_num_seqs: pad to this many one-token sequences (a CUDA graph
         batch); padding rows have query_len 0 and seq_len 0 and their tokens' slots are -1.
+        pending = (token_indices, source_rows, sampled): input token token_indices[j] (a placeholder in token_ids)
+        is sampled[source_rows[j]], a device tensor of the previous step's sampled ids ([rows] int64).
         """
         num_seqs = len(starts)
+        self._turn ^= 1
+        host = self._hosts[self._turn]
+        host_tables = self._host_tables[self._turn]
         if num_seqs > self.max_num_seqs:
             raise ValueError(f"{num_seqs} sequences exceed the input buffers' max_num_seqs={self.max_num_seqs}")
         tpb = self.tokens_per_block
@@ -94,13 +106,13 @@ class InputBuffers:
         width = max(int(table_lens.max()) if num_seqs else 1, 1)
         if width > self.max_blocks_per_seq:
             raise ValueError(f"a block table of {width} blocks exceeds max_blocks_per_seq={self.max_blocks_per_seq}")
-        bt = self.host_block_tables_np
+        bt = host_tables.numpy()
         # all rows at once: flat ids scattered to (row, column)
         flat_blocks = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
         table_rows = np.repeat(self._arange[:num_seqs], table_lens)
         table_cols = np.arange(len(flat_blocks)) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
         bt[table_rows, table_cols] = flat_blocks
-        h = self.host_np
+        h = host.numpy()
         if total == num_seqs:  # decode-only: one token per sequence
             positions = seq_lens - 1
             slots = bt[self._arange[:num_seqs], positions // tpb].astype(np.int64) * tpb + positions % tpb
@@ -125,9 +137,20 @@ class InputBuffers:
         logits_rows = (qsl[1:] - 1)[np.asarray(do_sample, dtype=bool)]
         num_samples = len(logits_rows)
         h[self._logits:self._logits + num_samples] = logits_rows
+        num_pending = 0
+        if pending is not None and pending[0]:
+            num_pending = len(pending[0])
+            h[self._pend_dst:self._pend_dst + num_pending] = pending[0]
+            h[self._pend_src:self._pend_src + num_pending] = pending[1]
         # one copy of the flat region (up to the last byte this step uses), one of the block-table rows used
         end = self._logits + num_samples
-        self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        self.dev_block_tables[:num_seqs, :width].copy_(self.host_block_tables[:num_seqs, :width], non_blocking=True)
+        self.dev[:end].copy_(host[:end], non_blocking=True)
+        self.dev_block_tables[:num_seqs, :width].copy_(host_tables[:num_seqs, :width], non_blocking=True)
         ids, pos, slot, qsl_d, lens_d, bt_d, logits_d = self.views(padded_tokens, padded_seqs, num_samples)
+        if num_pending:
+            assert pending is not None
+            d = self.dev
+            dst = d[self._pend_dst:self._pend_dst + num_pending]  # [P] int32
+            src = d[self._pend_src:self._pend_src + num_pending]  # [P] int32
+            ids[dst] = pending[2][src].to(torch.int32)
         return StepInputs(ids, pos, slot, qsl_d, lens_d, bt_d, logits_d, query_lens, seq_lens)

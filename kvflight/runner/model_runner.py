@@ -16,7 +16,7 @@ from kvflight.model.loader import ResolvedModel, load_model, resolve_device, res
 from kvflight.runner.cuda_graphs import DecodeGraphs, capture_sizes
 from kvflight.runner.input_buffers import InputBuffers, StepInputs
 from kvflight.runner.kv_offload import KVOffloader
-from kvflight.runner.sampler import Sampler, to_token_logprobs
+from kvflight.runner.sampler import Sampler, logprobs_table, token_logprobs_from_table
 from kvflight.tune.planner import (GRAPHS_DO_NOT_FIT, KV_TOO_SMALL, NO_MEMORY_LEFT, MeasuredMemory,
                                    plan_memory)
 from kvflight.types import SchedulerOutput, TokenLogprobs
@@ -59,6 +59,20 @@ class RunnerOutput:
     logprobs: list[TokenLogprobs | None] | None
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device; resolve() waits for its tokens.
+
+    rows: the requests that sample, in order (row i of the sampled tensors). The host copies land in pinned
+    memory; `ready` is recorded after them (None on the CPU, where everything already ran).
+    """
+
+    rows: list
+    token_ids_host: torch.Tensor | None = None  # [rows] int64 (pinned on CUDA)
+    logprobs_host: torch.Tensor | None = None  # [rows, 3 + 2 * k_max] float64, see logprobs_table
+    ready: torch.cuda.Event | None = None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, resolved: ResolvedModel, arch: ModelArch, max_seq_len: int) -> None:
         self.config = config
@@ -71,6 +85,9 @@ class ModelRunner:
         # this rank's KV heads (all of them at tp 1; replicated, one per rank, when fewer than the ranks)
         tp = get_tp_size()
         self.num_kv_heads = arch.num_kv_heads if tp == 1 else max(1, arch.num_kv_heads // tp)
+        self._last_sampled: torch.Tensor | None = None  # [rows] int64: the last launch's sampled ids (device)
+        self._token_host: list[torch.Tensor | None] = [None, None]  # pinned landing buffers, used in turn
+        self._turn = 0
         self.skip_sampling = False  # tensor-parallel workers (ranks > 0): forward and logits only, rank 0 samples
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -285,8 +302,17 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its tokens (launch + resolve)."""
+        return self.resolve(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Queue one step's host-tier copies, forward and sampling on the device without waiting for them.
+
+        A scheduled token not yet in its request's all_token_ids (request.num_pending_tokens) is the previous
+        launch's sample at row request.pending_row: it is scattered into the inputs on the device.
+        """
         # host-tier copies first (offloads, then loads), on the stream the forward runs on
         if out.kv_offloads or out.kv_loads:
             self.kv_offloader.apply(out.kv_offloads, out.kv_loads)
@@ -295,15 +321,16 @@ class ModelRunner:
         num_new = [s.num_new_tokens for s in sched]
         decode_only = out.num_scheduled_tokens == num_seqs
         graph_size = self.graphs.padded_size(num_seqs) if decode_only and self.graphs is not None else None
+        token_ids, pending = self._input_token_ids(sched)
         inputs = self.buffers.prepare([s.start_pos for s in sched], num_new, [s.block_ids for s in sched],
-                                      [s.do_sample for s in sched], [s.token_ids for s in sched],
-                                      pad_num_seqs=graph_size)
+                                      [s.do_sample for s in sched], token_ids, pad_num_seqs=graph_size,
+                                      pending=pending)
         rows = [s.request for s in sched if s.do_sample]
         if graph_size is not None:
             want_split = self._num_splits(graph_size, 1, int(inputs.seq_lens_host.max())) > 1
             logits = self.graphs.replay(graph_size, want_split)  # [graph_size, vocab] float32: row i = sequence i
             if not rows:
-                return RunnerOutput([], None)
+                return self._launched_without_samples()
             logits = logits[:num_seqs] if len(rows) == num_seqs else logits.index_select(0, inputs.logits_indices)
         else:
             max_query_len = max(num_new)
@@ -311,14 +338,72 @@ class ModelRunner:
                                                                           int(inputs.seq_lens_host.max())))
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # [T, hidden]
             if not rows:
-                return RunnerOutput([], None)
+                return self._launched_without_samples()
             logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # [samples, vocab]
         if self.skip_sampling:
-            return RunnerOutput([], None)
+            return self._launched_without_samples()
         sampled = self.sampler(logits, rows)
-        token_ids = sampled.token_ids.tolist()  # the step's one host sync
-        want_logprobs = any(r.sampling_params.logprobs is not None for r in rows)
-        return RunnerOutput(token_ids, to_token_logprobs(sampled, rows) if want_logprobs else None)
+        self._last_sampled = sampled.token_ids  # [rows] int64: the next launch's pending tokens
+        for i, r in enumerate(rows):  # sampled on the device; the next launch may read it before update() appends it
+            r.pending_row = i
+        table = logprobs_table(sampled) if any(r.sampling_params.logprobs is not None for r in rows) else None
+        if self.device.type != "cuda":
+            return LaunchedStep(rows, sampled.token_ids, table)
+        self._turn ^= 1
+        host = self._token_host[self._turn]
+        if host is None or host.numel() < len(rows):
+            host = self._token_host[self._turn] = torch.empty(max(len(rows), self.config.scheduler.max_batch_size),
+                                                              dtype=torch.int64, pin_memory=True)
+        host = host[:len(rows)]
+        host.copy_(sampled.token_ids, non_blocking=True)
+        table_host = None
+        if table is not None:
+            table_host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            table_host.copy_(table, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(rows, host, table_host, ready)
+
+    def _launched_without_samples(self) -> LaunchedStep:
+        self._last_sampled = None
+        return LaunchedStep([])
+
+    def _input_token_ids(self, sched: list) -> tuple[list[list[int]], tuple[list[int], list[int], torch.Tensor] |
+                                                      None]:
+        """Each row's input token ids; a pending token (not on the host yet) is a 0 placeholder plus an entry of
+        (flat token index, row of the last launch's sampled tokens)."""
+        token_ids: list[list[int]] = []
+        dst: list[int] = []
+        src: list[int] = []
+        flat = 0
+        for s in sched:
+            n = s.num_new_tokens
+            ids = s.token_ids  # a new list (tensor-parallel workers get look-alikes carrying the ids)
+            if len(ids) < n:  # only the last token can be pending: the previous step sampled it
+                req, start = s.request, s.start_pos
+                if len(ids) != n - 1 or not req.num_pending_tokens or self._last_sampled is None:
+                    raise RuntimeError(f"request {req.request_id!r}: step needs tokens [{start}, {start + n}) but "
+                                       f"only {len(req.all_token_ids)} are known and "
+                                       f"{req.num_pending_tokens} pending (scheduler/runner out of step: a bug)")
+                ids.append(0)
+                dst.append(flat + n - 1)
+                src.append(req.pending_row)
+            token_ids.append(ids)
+            flat += n
+        return token_ids, ((dst, src, self._last_sampled) if dst else None)
+
+    def resolve(self, step: LaunchedStep) -> RunnerOutput:
+        """Wait for a launched step's sampled tokens (the step's one host sync) and return them."""
+        if not step.rows:
+            return RunnerOutput([], None)
+        if step.ready is not None:
+            step.ready.synchronize()
+        assert step.token_ids_host is not None
+        token_ids = step.token_ids_host.tolist()
+        logprobs = None
+        if step.logprobs_host is not None:
+            logprobs = token_logprobs_from_table(step.logprobs_host.tolist(), step.rows)
+        return RunnerOutput(token_ids, logprobs)
 
 
 def resolve_kernel_backend(name: str, device: torch.device) -> str:

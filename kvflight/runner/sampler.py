@@ -178,9 +178,12 @@ class Sampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # per-request token-id arrays for the penalties, dropped with their request
         self._token_buffers: weakref.WeakKeyDictionary[Request, _TokenBuffer] = weakref.WeakKeyDictionary()
-        # CUDA: a persistent pinned staging buffer (one async copy per step) and the event of its last copy
-        self._pinned: torch.Tensor | None = None  # [capacity] int64
-        self._copied: torch.cuda.Event | None = None
+        # CUDA: two persistent pinned staging buffers used in turn (one async copy per step; with asynchronous
+        # scheduling step N+1 is prepared while step N's copy may still wait behind step N-1), each with the event
+        # of its last copy
+        self._pinned: list[torch.Tensor | None] = [None, None]  # [capacity] int64 each
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
     # ---- public stages (also what the tests compare against a per-row reference) -------------------------
 
@@ -334,22 +337,28 @@ class Sampler:
     def _staging(self, size: int, device: torch.device) -> np.ndarray:
         if device.type != "cuda":
             return np.empty(size, dtype=np.int64)  # fresh: the CPU "copy" below aliases it
-        if self._copied is not None and not self._copied.query():
-            self._copied.synchronize()  # the last step's copy still reads the buffer (not seen in practice)
-        if self._pinned is None or self._pinned.numel() < size:
-            cap = max(size, 2 * (0 if self._pinned is None else self._pinned.numel()), 1 << 16)
-            self._pinned = torch.empty(cap, dtype=torch.int64, pin_memory=True)
-        return self._pinned.numpy()[:size]
+        self._turn ^= 1
+        k = self._turn
+        copied = self._copied[k]
+        if copied is not None and not copied.query():
+            copied.synchronize()  # this buffer's copy (two steps ago) still reads it (not seen in practice)
+        pinned = self._pinned[k]
+        if pinned is None or pinned.numel() < size:
+            cap = max(size, 2 * (0 if pinned is None else pinned.numel()), 1 << 16)
+            self._pinned[k] = torch.empty(cap, dtype=torch.int64, pin_memory=True)
+        return self._pinned[k].numpy()[:size]
 
     def _copy(self, host: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
         if device.type == "cpu":
             return torch.from_numpy(host)
-        if device.type != "cuda" or self._pinned is None:
+        k = self._turn
+        pinned = self._pinned[k]
+        if device.type != "cuda" or pinned is None:
             return torch.from_numpy(host).to(device)
-        dev = self._pinned[:size].to(device, non_blocking=True)
-        if self._copied is None:
-            self._copied = torch.cuda.Event()
-        self._copied.record()
+        dev = pinned[:size].to(device, non_blocking=True)
+        if self._copied[k] is None:
+            self._copied[k] = torch.cuda.Event()
+        self._copied[k].record()
         return dev
 
 
@@ -365,26 +374,24 @@ def _fill_logprobs(out: SamplerOutput, logits: torch.Tensor, k_max: int) -> None
         out.top_logprobs = top_vals - lse[:, None]
 
 
-def to_token_logprobs(out: SamplerOutput, requests: list[Request]) -> list[TokenLogprobs | None]:
-    """Per-row TokenLogprobs (None for rows without sampling_params.logprobs), with one device->host copy."""
-    num_rows = out.token_ids.shape[0]
-    if len(requests) != num_rows:
-        raise ValueError(f"SamplerOutput has {num_rows} rows but {len(requests)} requests were given: "
-                         "pass the same requests, in the same order, as to the Sampler")
-    wanted = [r.sampling_params.logprobs for r in requests]
-    if all(k is None for k in wanted):
-        return [None] * num_rows
+def logprobs_table(out: SamplerOutput) -> torch.Tensor | None:
+    """The rows' logprob data as one device tensor [rows, 3 + 2 * k_max] float64 (sampled id, its logprob, its rank,
+    top ids, top logprobs), ready for one device->host copy; None when no row asked for logprobs."""
     if out.logprobs is None or out.sampled_ranks is None:
-        raise ValueError("SamplerOutput.logprobs is None but a request asks for logprobs: "
-                         "pass the same requests as to the Sampler call that produced this output")
-    k_max = 0 if out.top_token_ids is None else out.top_token_ids.shape[1]
+        return None
     cols = [out.token_ids[:, None], out.logprobs[:, None], out.sampled_ranks[:, None]]  # [rows, 1] each
     if out.top_token_ids is not None and out.top_logprobs is not None:
         cols += [out.top_token_ids, out.top_logprobs]  # [rows, k_max] each
-    # float64 holds int ids / ranks (< 2**53) and float32 logprobs exactly: one tensor, one copy
-    host = torch.cat([c.to(torch.float64) for c in cols], dim=1).cpu().tolist()  # [rows][3 + 2 * k_max]
+    # float64 holds int ids / ranks (< 2**53) and float32 logprobs exactly
+    return torch.cat([c.to(torch.float64) for c in cols], dim=1)
+
+
+def token_logprobs_from_table(host: list[list[float]], requests: list[Request]) -> list[TokenLogprobs | None]:
+    """Per-row TokenLogprobs from logprobs_table's rows (on the host); None for rows without logprobs."""
+    k_max = (len(host[0]) - 3) // 2 if host else 0
     result: list[TokenLogprobs | None] = []
-    for row, k in zip(host, wanted):
+    for row, r in zip(host, requests):
+        k = r.sampling_params.logprobs
         if k is None:
             result.append(None)
             continue
@@ -393,3 +400,18 @@ def to_token_logprobs(out: SamplerOutput, requests: list[Request]) -> list[Token
         top = [Logprob(token_id=int(row[3 + j]), logprob=row[3 + k_max + j], rank=j + 1) for j in range(min(k, k_max))]
         result.append(TokenLogprobs(sampled=sampled, top=top))
     return result
+
+
+def to_token_logprobs(out: SamplerOutput, requests: list[Request]) -> list[TokenLogprobs | None]:
+    """Per-row TokenLogprobs (None for rows without sampling_params.logprobs), with one device->host copy."""
+    num_rows = out.token_ids.shape[0]
+    if len(requests) != num_rows:
+        raise ValueError(f"SamplerOutput has {num_rows} rows but {len(requests)} requests were given: "
+                         "pass the same requests, in the same order, as to the Sampler")
+    if all(r.sampling_params.logprobs is None for r in requests):
+        return [None] * num_rows
+    table = logprobs_table(out)
+    if table is None:
+        raise ValueError("SamplerOutput.logprobs is None but a request asks for logprobs: "
+                         "pass the same requests as to the Sampler call that produced this output")
+    return token_logprobs_from_table(table.cpu().tolist(), requests)

@@ -159,8 +159,12 @@ class Scheduler:
         while i < len(running) and len(scheduled) < max_batch_size and num_budget_tokens > 0:
             req = running[i]
             start_pos = req.num_computed_tokens
-            num_tokens = len(req.all_token_ids)
+            num_tokens = len(req.all_token_ids) + req.num_pending_tokens  # a pending token counts as known
             num_remaining = num_tokens - start_pos
+            if req.num_pending_tokens and (num_tokens - len(req.prompt_token_ids) >= req.max_tokens
+                                           or num_tokens >= self.max_seq_len):
+                i += 1  # its pending token is its last: it finishes when that token arrives
+                continue
             if num_remaining == 1:
                 num_new = 1
             elif num_remaining <= 0:
@@ -235,8 +239,12 @@ class Scheduler:
                 num_budget_tokens -= num_new
 
         # 3. the model computes these tokens this iteration
+        # and those that sample owe a token until update() appends it (asynchronous scheduling schedules the next
+        # step before that: the pending token counts as known)
         for sr in scheduled:
             sr.request.num_computed_tokens = sr.start_pos + sr.num_new_tokens
+            if sr.do_sample:
+                sr.request.num_pending_tokens += 1
         # host-tier copies decided by this iteration's allocations (empty without a host tier)
         kv_offloads, kv_loads = kv.take_transfers()
 
@@ -297,24 +305,28 @@ class Scheduler:
         tokens_per_block = kv.tokens_per_block
         max_seq_len = self.max_seq_len
         running_status = RequestStatus.RUNNING
+        preempted_status = RequestStatus.PREEMPTED
         out: list[Request] = []
         any_finished = False
+        any_finished_waiting = False
         now: float | None = None
         next_sample = 0
         for sr in scheduled:
             req = sr.request
-            if req.status is not running_status:  # finished (aborted) between schedule() and update()
-                if sr.do_sample:
-                    next_sample += 1
-                continue
-            # register blocks this step filled (most decode steps fill none: skip the call)
-            if cache_blocks is not None and \
-                    sr.start_pos // tokens_per_block != req.num_computed_tokens // tokens_per_block:
-                cache_blocks(req, req.num_computed_tokens)
+            status = req.status
             if not sr.do_sample:
+                # register blocks this step filled (most steps fill none: skip the call)
+                if cache_blocks is not None and status is running_status and \
+                        sr.start_pos // tokens_per_block != req.num_computed_tokens // tokens_per_block:
+                    cache_blocks(req, req.num_computed_tokens)
                 continue
             token = sampled_token_ids[next_sample]
             next_sample += 1
+            req.num_pending_tokens -= 1
+            # finished (aborted) between schedule() and update(): the token is dropped. A request preempted while
+            # this step was in flight (asynchronous scheduling) keeps it: it is a real sample of its sequence
+            if status is not running_status and status is not preempted_status:
+                continue
             all_token_ids = req.all_token_ids
             all_token_ids.append(token)
             if req.first_token_time is None:
@@ -322,6 +334,12 @@ class Scheduler:
                     now = time.monotonic()
                 req.first_token_time = now
             out.append(req)
+            # register the blocks whose tokens are all known and whose K/V this or an already launched step
+            # computes (cache_blocks caps at both; later readers run after those steps on the same stream)
+            if cache_blocks is not None and status is running_status and \
+                    sr.start_pos // tokens_per_block != min(req.num_computed_tokens, len(all_token_ids)) \
+                    // tokens_per_block:
+                cache_blocks(req, req.num_computed_tokens)
             # stop conditions, in order
             sp = req.sampling_params
             num_output_tokens = len(all_token_ids) - len(req.prompt_token_ids)
@@ -335,9 +353,14 @@ class Scheduler:
                 reason = FinishReason.LENGTH
             if reason is not None:
                 self._finish(req, reason)
-                any_finished = True
+                if status is running_status:
+                    any_finished = True
+                else:
+                    any_finished_waiting = True
         if any_finished:
             self._running = [r for r in self._running if r.status is running_status]
+        if any_finished_waiting:
+            self._waiting = deque(r for r in self._waiting if r.status is not RequestStatus.FINISHED)
         return out
 
     # ------------------------------------------------------------------ stats / checks
@@ -382,7 +405,9 @@ class Scheduler:
         for req in self._running:
             if req.status is not RequestStatus.RUNNING:
                 fail(f"request {req.request_id!r} is in the running list with status {req.status.value}")
-            if not 0 <= req.num_computed_tokens <= req.num_tokens:
+            if not 0 <= req.num_pending_tokens <= 2:
+                fail(f"request {req.request_id!r}: num_pending_tokens={req.num_pending_tokens} outside [0, 2]")
+            if not 0 <= req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens:
                 fail(f"request {req.request_id!r}: num_computed_tokens={req.num_computed_tokens} outside "
                      f"[0, {req.num_tokens}]")
             if kv.get_num_blocks(req.request_id) * tpb < req.num_computed_tokens:

@@ -31,7 +31,8 @@ def _generate(path: Path, backend: str, device: str, **settings) -> list[list[in
 
 def test_triton_backend_equals_torch_backend(tiny_gqa: Path, device: str) -> None:
     # chunked context (32-token budget), mixed prefill + decode batches, a prefix-cache hit, 4-sequence batches
-    expected = _generate(tiny_gqa, "torch", device)
-    got = _generate(tiny_gqa, "triton", device)
+    # the Triton run also schedules asynchronously (its decode inputs take the pending tokens on the device)
+    expected = _generate(tiny_gqa, "torch", device, async_scheduling="off")
+    got = _generate(tiny_gqa, "triton", device, async_scheduling="on")
     assert got == expected
     assert all(len(t) == 6 for t in got)
