@@ -108,7 +108,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     sc = scales if scales.stride(-1) == 1 else scales.contiguous()
     zr = None if zeros is None else (zeros if zeros.stride(-1) == 1 else zeros.contiguous())
     M = x2.shape[0]
-    cfg = config or choose_config(M, N, K, x2.device, max_block_k=group_size)
+    cfg = config or choose_config(M, N, K, x2.device, max_block_k=group_size, int4=True)
     if group_size % cfg.block_k:
         raise ValueError(f"w4a16_matmul: block_k={cfg.block_k} must divide group_size={group_size}")
     split = cfg.split_k if split_k is None else split_k

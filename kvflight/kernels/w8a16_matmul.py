@@ -119,7 +119,20 @@ def choose_blocks(M: int, N: int, K: int, device: torch.device, max_block_k: int
     return block_m, block_n, block_k, split_k
 
 
-def choose_config(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128) -> KernelConfig:
+def choose_config(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128,
+                  int4: bool = False) -> KernelConfig:
+    """The launch for one call. Decode-sized calls (M <= 16) on model-sized weights take the tiles a sweep on an
+    H100 found fastest (benchmarks/wo_matmul_sweep_gpu.py, timed as CUDA graphs): 8-bit weights 80-90% of copy
+    bandwidth on the Llama-8B qkv / gate_up / down linears (the heuristic below: 55-88%)."""
+    if M <= 16 and N >= 2048 and K >= 2048:
+        if int4:  # unpacking dominates: wide column tiles and an 8-way split keep every SM busy
+            block_n, block_k, split = (128, 64, 8) if N >= 16384 else (128, 128, 8)
+            return KernelConfig(16, block_n, min(block_k, max_block_k), split, 4, 3)
+        if K >= 8192:  # down: long rows, few columns
+            return KernelConfig(16, 32, 256, 4, 4, 3)
+        if N >= 16384:  # gate_up: enough column tiles without a split
+            return KernelConfig(16, 32, 128, 1, 4, 3)
+        return KernelConfig(16, 64 if N > 4096 else 32, 256, 1, 4, 4 if N > 4096 else 3)
     block_m, block_n, block_k, split = choose_blocks(M, N, K, device, max_block_k)
     return KernelConfig(block_m, block_n, block_k, split, 4 if block_m * block_n <= 64 * 64 else 8, 3)
 

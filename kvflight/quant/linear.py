@@ -7,10 +7,13 @@ turns a layer holding a float weight into a quantized one (online quantization a
 
 Parameters per scheme (N output, K input features of this rank):
     none      weight [N, K] model dtype
-    int8_wo   weight [N, K] int8, weight_scale [N] float32                       -> w8a16_matmul (Triton on CUDA)
+    int8_wo   weight [N, K] int8, weight_scale [N] float32                       -> w8a16_matmul (Triton on CUDA);
+                                                              >= 1024 rows: dequantize_8bit + cuBLAS
     int4_*    qweight [N, K/2] uint8, scales [N, K/G] float16, qzeros [N, K/G] uint8 (if zero points)
-                                                                                 -> w4a16_matmul (Triton on CUDA)
-    fp8       weight [N, K] float8_e4m3fn, weight_scale [N] float32               -> torch._scaled_mm (sm >= 8.9)
+                                                                                 -> w4a16_matmul (Triton on CUDA);
+                                                              >= 17 rows: dequantize_int4 + cuBLAS
+    fp8       weight [N, K] float8_e4m3fn, weight_scale [N] float32               -> torch._scaled_mm (sm >= 8.9);
+                                                              <= 16 rows: w8a16_matmul on the fp8 weights
     int8_sq   weight [N, K] int8, weight_scale [N] float32                       -> torch._int_mm (CUDA)
 On CPU every scheme computes the same math in float (dequantize + matmul; W8A8 quantizes activations exactly as
 the GPU path does), so the engine runs everywhere. The CPU path dequantizes a layer's weight once and keeps the float
@@ -34,6 +37,14 @@ from kvflight.quant.schemes import QuantConfig
 if TYPE_CHECKING:
     from kvflight.model.layers import _ParallelLinear
 
+# rows (tokens) from which a weight-only call dequantizes the weight in one pass and runs cuBLAS instead of the
+# fused kernel (H100 sweep, benchmarks/wo_matmul_sweep_gpu.py: the fused 8-bit kernel is 1.55x cuBLAS at 4096 rows
+# but wins at 256; the fused int4 kernel loses from 16 rows on)
+WO_DEQUANT_MIN_ROWS_8BIT = 1024
+WO_DEQUANT_MIN_ROWS_INT4 = 17
+# fp8 calls up to this many rows skip the activation quantization and the scaled GEMM: the W8A16 kernel reads the
+# fp8 weights directly (decode is weight-bandwidth bound; cuBLASLt's fp8 GEMM pads a 1-row call)
+FP8_WEIGHT_ONLY_MAX_ROWS = 16
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows: smaller batches are zero-padded
 CPU_CACHE_DEQUANTIZED = True  # CPU fallback: keep each layer's dequantized weight after its first use
 
@@ -87,6 +98,10 @@ class Int8WeightOnlyMethod(LinearMethod):
 
     def apply(self, layer, x, bias):
         if x.is_cuda:
+            if x.numel() >= WO_DEQUANT_MIN_ROWS_8BIT * x.shape[-1]:
+                from kvflight.kernels.dequant_weight import dequantize_8bit
+
+                return F.linear(x, dequantize_8bit(layer.weight, layer.weight_scale, x.dtype), bias)
             from kvflight.kernels.w8a16_matmul import w8a16_matmul
 
             return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
@@ -122,6 +137,11 @@ class Int4WeightOnlyMethod(LinearMethod):
     def apply(self, layer, x, bias):
         zeros = layer.qzeros if self.zero_point else None
         if x.is_cuda:
+            if x.numel() >= WO_DEQUANT_MIN_ROWS_INT4 * x.shape[-1]:
+                from kvflight.kernels.dequant_weight import dequantize_int4
+
+                w = dequantize_int4(layer.qweight, layer.scales, zeros, self.group_size, x.dtype)  # [N, K]
+                return F.linear(x, w, bias)
             from kvflight.kernels.w4a16_matmul import w4a16_matmul
 
             return w4a16_matmul(x, layer.qweight, layer.scales, zeros, self.group_size, bias)
@@ -188,6 +208,10 @@ class Fp8Method(_W8A8Method):
         n, k = layer.weight.shape
         if not (x.is_cuda and _has_fp8_matmul(x.device.index or 0) and n % 16 == 0 and k % 16 == 0):
             return self.emulate(layer, x, bias)
+        if x.numel() <= FP8_WEIGHT_ONLY_MAX_ROWS * k and x.dtype in (torch.bfloat16, torch.float16):
+            from kvflight.kernels.w8a16_matmul import w8a16_matmul
+
+            return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
         from kvflight.kernels.per_token_quant import per_token_quant
 
         x2 = x.reshape(-1, k)  # [T, K]

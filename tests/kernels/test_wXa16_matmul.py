@@ -130,3 +130,48 @@ def test_per_token_quant_fp8_on_gpu() -> None:
     ref_q, ref_scale = reference.per_token_quant(x, torch.float8_e4m3fn)
     torch.testing.assert_close(scale, ref_scale, atol=0, rtol=1e-6)
     assert (q.float() - ref_q.float()).abs().max() == 0
+
+
+# ---- one-pass weight dequantization (the large-batch path: dequantize, then cuBLAS) -----------------------------
+@pytest.mark.parametrize("n,k", [(48, 64), (40, 200)])  # ragged tiles in both directions
+def test_dequantize_8bit_equals_reference(n: int, k: int, device: str) -> None:
+    from kvflight.kernels.dequant_weight import dequantize_8bit
+    from kvflight.quant import ops
+
+    g = torch.Generator().manual_seed(n + k)
+    qweight, scale = _w8(n, k, g)
+    # bf16 exactly on the GPU only: the interpreter's float32 -> bf16 cast does not round to nearest
+    for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
+        out = dequantize_8bit(qweight.to(device), scale.to(device), dtype)
+        assert out.dtype == dtype and out.shape == (n, k)
+        assert torch.equal(out.cpu(), ops.dequantize_int8(qweight, scale).to(dtype))
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+@pytest.mark.parametrize("n,k,group", [(48, 256, 128), (33, 192, 32)])
+def test_dequantize_int4_equals_reference(n: int, k: int, group: int, zero_point: bool, device: str) -> None:
+    from kvflight.kernels.dequant_weight import dequantize_int4
+    from kvflight.quant import ops
+
+    g = torch.Generator().manual_seed(n * k)
+    qweight, scales, zeros = _w4(n, k, group, g)
+    zeros = zeros if zero_point else None
+    out = dequantize_int4(qweight.to(device), scales.to(device), None if zeros is None else zeros.to(device), group,
+                          torch.float32)
+    assert torch.equal(out.cpu(), ops.dequantize_int4(qweight, scales, zeros, group))
+
+
+@gpu
+def test_fp8_weights_in_w8a16_and_dequant_on_gpu() -> None:
+    from kvflight.kernels.dequant_weight import dequantize_8bit
+    from kvflight.quant import ops
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(1024, 4096, generator=g) * 0.02
+    q, scale = ops.quantize_fp8(w.cuda(), per_channel=True)
+    wd = q.float() * scale[:, None]  # [N, K] float32
+    assert torch.equal(dequantize_8bit(q, scale, torch.float32), wd)
+    for num_tokens in (1, 16):
+        x = torch.randn(num_tokens, 4096, generator=g).bfloat16().cuda()
+        out = w8a16_matmul(x, q, scale)
+        torch.testing.assert_close(out.float(), x.float() @ wd.t(), atol=5e-2, rtol=2e-2)

@@ -252,8 +252,16 @@ def test_gpu_paths_equal_the_cpu_math(scheme: str) -> None:
     layer.bias.data.normal_(0, 0.1)
     quantize_linear_(layer, make_linear_method(QuantConfig(scheme), 4096))
     cpu_layer = copy.deepcopy(layer).to("cpu")
-    for num_tokens in (1, 5, 40):
+    from kvflight.quant.linear import FP8_WEIGHT_ONLY_MAX_ROWS
+
+    # 1, 5: decode kernels; 40: the fused kernels' large tiles (int4: dequantize + cuBLAS); 1100: dequantize +
+    # cuBLAS for int8_wo too
+    for num_tokens in (1, 5, 40, 1100):
         x = torch.randn(num_tokens, 4096, device="cuda", dtype=torch.bfloat16)
         out = layer(x).float().cpu()
-        ref = cpu_layer(x.cpu()).float()
+        if scheme == "fp8" and num_tokens <= FP8_WEIGHT_ONLY_MAX_ROWS:  # weight-only math: no activation rounding
+            ref = torch.nn.functional.linear(x.float().cpu(), cpu_layer.quant_method.dequantized_weight(cpu_layer)
+                                             .float(), cpu_layer.bias.float())
+        else:
+            ref = cpu_layer(x.cpu()).float()
         assert float((out - ref).norm() / ref.norm()) < 0.02, (scheme, num_tokens)
