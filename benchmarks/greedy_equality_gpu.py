@@ -27,9 +27,9 @@ PROMPTS = [
 ]
 
 
-def run(model: str, backend: str, dtype: str, eager: bool, tokens: int) -> list[list[int]]:
+def run(model: str, backend: str, dtype: str, eager: bool, tokens: int, async_scheduling: str) -> list[list[int]]:
     llm = LLM(model, kernel_backend=backend, dtype=dtype, enforce_eager=eager, max_seq_len=2048,
-              max_batch_size=8, max_num_tokens=512)
+              max_batch_size=8, max_num_tokens=512, async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS], params)
     ids = [o.outputs[0].token_ids for o in outs]
@@ -45,17 +45,18 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
     failed = False
-    print(f"{'dtype':<9} {'torch eager vs':<22} {'equal sequences':<16} tokens agreeing before first difference")
+    print(f"{'dtype':<9} {'torch eager sync vs':<30} {'equal sequences':<16} tokens agreeing before first difference")
     for dtype in ("float32", "bfloat16"):
-        ref = run(args.model, "torch", dtype, True, args.tokens)
-        for label, eager in (("triton eager", True), ("triton + CUDA graphs", False)):
-            got = run(args.model, "triton", dtype, eager, args.tokens)
+        ref = run(args.model, "torch", dtype, True, args.tokens, "off")
+        for label, eager, mode in (("triton eager", True, "off"), ("triton + CUDA graphs", False, "off"),
+                                   ("triton + CUDA graphs + async", False, "on")):
+            got = run(args.model, "triton", dtype, eager, args.tokens, mode)
             agree = []
             for a, b in zip(ref, got):
                 n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
                 agree.append(n)
             equal = sum(a == b for a, b in zip(ref, got))
-            print(f"{dtype:<9} {label:<22} {equal}/{len(ref):<14} {agree}")
+            print(f"{dtype:<9} {label:<30} {equal}/{len(ref):<14} {agree}")
             if dtype == "float32" and equal != len(ref):
                 failed = True
     print("FAIL: float32 outputs differ" if failed else "OK: float32 outputs equal token for token")
