@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflight.bench.limits import copy_bandwidth_bytes_per_s
+from kvflight.kernels.dequant_weight import dequantize_8bit, dequantize_int4
 from kvflight.kernels.w4a16_matmul import w4a16_matmul
 from kvflight.kernels.w8a16_matmul import KernelConfig, choose_config, w8a16_matmul
 from kvflight.quant import ops
@@ -69,7 +70,15 @@ def dequantized(kind: str, weights) -> torch.Tensor:
         q, scales, zeros = weights
         return ops.dequantize_int4(q, scales, zeros, 128).to(torch.bfloat16)
     q, s = weights
-    return (q.to(torch.bfloat16) * s[:, None].to(torch.bfloat16))
+    return (q.float() * s[:, None]).to(torch.bfloat16)
+
+
+def triton_dequantized(kind: str, weights) -> torch.Tensor:
+    if kind == "int4":
+        q, scales, zeros = weights
+        return dequantize_int4(q, scales, zeros, 128, torch.bfloat16)
+    q, s = weights
+    return dequantize_8bit(q, s, torch.bfloat16)
 
 
 def main() -> int:
@@ -87,7 +96,7 @@ def main() -> int:
                    itertools.product((32, 64, 128), block_ks, (1, 2, 4, 8), (3, 4))]
         for name, (n, k) in SHAPES.items():
             weights, nbytes = make_weights(kind, n, k)
-            for m in [int(t) for t in args.tokens.split(",")]:
+            for m in [int(t) for t in args.tokens.split(",") if t]:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = x @ dequantized(kind, weights).t()
                 heur = graph_time_us(lambda: run(kind, x, weights, None))
@@ -105,17 +114,21 @@ def main() -> int:
                         print(f"  {kind} {name} {tuple(cfg)}: {type(exc).__name__}")
                         continue
                     best = min(best, (t, cfg), key=lambda p: p[0])
-                print(f"{kind:<5} {name:<8} {m:>5} {heur:>8.1f}us {nbytes / heur / 1e6 / bw:>5.0%}bw "
-                      f"{best[0]:>8.1f}us {nbytes / best[0] / 1e6 / bw:>5.0%}bw  {tuple(best[1]) if best[1] else '-'}",
+                print(f"{kind:<5} {name:<8} {m:>5} {heur:>8.1f}us {nbytes / (heur * 1e-6) / bw:>5.0%}bw "
+                      f"{best[0]:>8.1f}us {nbytes / (best[0] * 1e-6) / bw:>5.0%}bw  {tuple(best[1]) if best[1] else '-'}",
                       flush=True)
-            for m in [int(t) for t in args.large_tokens.split(",")]:
+            wb = dequantized(kind, weights)
+            assert torch.equal(triton_dequantized(kind, weights), wb)
+            t_deq = graph_time_us(lambda: triton_dequantized(kind, weights))
+            print(f"{kind:<5} {name:<8} one-pass dequantization {t_deq:8.1f}us = "
+                  f"{(nbytes + wb.numel() * 2) / (t_deq * 1e-6) / bw:.0%} of copy bandwidth (read codes, write bf16)")
+            for m in [int(t) for t in args.large_tokens.split(",") if t]:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                wb = dequantized(kind, weights)
                 kern = graph_time_us(lambda: run(kind, x, weights, None))
                 cublas = graph_time_us(lambda: F.linear(x, wb))
-                deq = graph_time_us(lambda: F.linear(x, dequantized(kind, weights)))
-                print(f"{kind:<5} {name:<8} {m:>5} kernel {kern:8.1f}us | bf16 cuBLAS {cublas:8.1f}us | torch dequant "
-                      f"+ cuBLAS {deq:8.1f}us", flush=True)
+                deq = graph_time_us(lambda: F.linear(x, triton_dequantized(kind, weights)))
+                print(f"{kind:<5} {name:<8} {m:>5} kernel {kern:8.1f}us | bf16 cuBLAS {cublas:8.1f}us | one-pass "
+                      f"dequant + cuBLAS {deq:8.1f}us", flush=True)
             del weights
             torch.cuda.empty_cache()
     return 0

@@ -65,9 +65,11 @@ def _dequant4_kernel(
         zero = tl.full((BLOCK_N, BLOCK_J), 8.0, dtype=tl.float32)
     low = ((packed & 0x0F).to(tl.float32) - zero) * scale  # [BN, BJ] columns 2j
     high = ((packed >> 4).to(tl.float32) - zero) * scale  # [BN, BJ] columns 2j + 1
-    row = out_ptr + rn[:, None] * stride_on
-    tl.store(row + 2 * rj[None, :], low.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(row + 2 * rj[None, :] + 1, high.to(out_ptr.dtype.element_ty), mask=mask)
+    # interleave into [BN, 2 * BJ] (column 2j then 2j + 1): one contiguous store per row instead of two strided
+    w = tl.reshape(tl.join(low, high), (BLOCK_N, 2 * BLOCK_J)).to(out_ptr.dtype.element_ty)
+    rk = tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J)  # [2 BJ] output columns
+    out_mask = (rn[:, None] < N) & (rk[None, :] < K)
+    tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w, mask=out_mask)
 
 
 def dequantize_8bit(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,7 +85,7 @@ def dequantize_8bit(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     if w_fp8:
         q = q.view(torch.int8)
     out = torch.empty((n, k), dtype=dtype, device=q.device)
-    block_n, block_k = 32, 128
+    block_n, block_k = 16, 256
     if n and k:
         _dequant8_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             q, scale, out, n, k, q.stride(0), out.stride(0), W_FP8=w_fp8, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -106,7 +108,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     sc = scales.contiguous()
     zr = None if zeros is None else zeros.contiguous()
     out = torch.empty((n, k), dtype=dtype, device=qw.device)
-    block_n, block_j = 32, 64
+    block_n, block_j = 16, 128
     if n and k:
         _dequant4_kernel[(triton.cdiv(n, block_n), triton.cdiv(half_k, block_j))](
             qw, sc, zr if zr is not None else qw, out, n, k, qw.stride(0), sc.stride(0),

@@ -8,7 +8,7 @@ turns a layer holding a float weight into a quantized one (online quantization a
 Parameters per scheme (N output, K input features of this rank):
     none      weight [N, K] model dtype
     int8_wo   weight [N, K] int8, weight_scale [N] float32                       -> w8a16_matmul (Triton on CUDA);
-                                                              >= 1024 rows: dequantize_8bit + cuBLAS
+                                                              >= 128 rows: dequantize_8bit + cuBLAS
     int4_*    qweight [N, K/2] uint8, scales [N, K/G] float16, qzeros [N, K/G] uint8 (if zero points)
                                                                                  -> w4a16_matmul (Triton on CUDA);
                                                               >= 17 rows: dequantize_int4 + cuBLAS
@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from kvflight.model.layers import _ParallelLinear
 
 # rows (tokens) from which a weight-only call dequantizes the weight in one pass and runs cuBLAS instead of the
-# fused kernel (H100 sweep, benchmarks/wo_matmul_sweep_gpu.py: the fused 8-bit kernel is 1.55x cuBLAS at 4096 rows
-# but wins at 256; the fused int4 kernel loses from 16 rows on)
-WO_DEQUANT_MIN_ROWS_8BIT = 1024
+# fused kernel (H100 sweep, benchmarks/wo_matmul_sweep_gpu.py, one Llama-8B layer's four linears: 8-bit fused
+# 534 us vs dequantize + cuBLAS 446 us at 256 rows, fused ahead at 64; int4: the fused kernel loses from 16 rows)
+WO_DEQUANT_MIN_ROWS_8BIT = 128
 WO_DEQUANT_MIN_ROWS_INT4 = 17
 # fp8 calls up to this many rows skip the activation quantization and the scaled GEMM: the W8A16 kernel reads the
 # fp8 weights directly (decode is weight-bandwidth bound; cuBLASLt's fp8 GEMM pads a 1-row call)
