@@ -94,6 +94,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--quantization", default="auto",
                      help="comma-separated schemes compared on the same tokens, the first is the baseline: e.g. "
                           "none,fp8,int8_wo,int4_wo (auto: as the checkpoint is)")
+    ppl.add_argument("--kv-cache-dtype", default="auto",
+                     help="comma-separated KV cache dtypes scored with every scheme: auto (no quantized cache), "
+                          "int8, fp8 (K/V written to a paged cache of that dtype and read back through it; scales "
+                          "from the checkpoint, else online calibration), e.g. auto,int8,fp8")
     ppl.add_argument("--max-seq-len", type=int, default=512, help="tokens per scored window")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ppl.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, ...")
@@ -114,6 +118,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if bad or not schemes:
         raise QuantizationError(f"--quantization {args.quantization!r}: each entry must be one of "
                                 f"{', '.join(QUANTIZATION_CHOICES)}")
+    kv_dtypes = [s.strip() for s in args.kv_cache_dtype.split(",") if s.strip()]
+    if not kv_dtypes or any(k not in ("auto", "int8", "fp8") for k in kv_dtypes):
+        raise QuantizationError(f"--kv-cache-dtype {args.kv_cache_dtype!r}: each entry must be auto, int8 or fp8")
     resolved = resolve_model(args.model, args.load_format)
     arch = load_arch(resolved)
     tokenizer = load_tokenizer(resolved, args.tokenizer)
@@ -127,32 +134,51 @@ def run_eval(args: argparse.Namespace) -> int:
     for scheme in schemes:
         t0 = time.perf_counter()
         model = load_model(resolved, arch, args.dtype, args.device, quantization=scheme)
-        result = perplexity(model, sequences)
-        row = {"quantization": scheme, "linears": describe_quantization(model), "perplexity": result.perplexity,
-               "tokens": result.num_predicted_tokens, "seconds": time.perf_counter() - t0}
-        if baseline is None:
-            baseline = result
-        else:
-            row["delta_vs_first"] = result.perplexity / baseline.perplexity - 1.0
-            row["top1_agreement_vs_first"] = result.top1_agreement(baseline)
-        rows.append(row)
+        for kv in kv_dtypes:
+            result = perplexity(model, sequences) if kv == "auto" else _kv_perplexity(
+                model, sequences, kv, resolved.path, tokenizer, arch.vocab_size)
+            row = {"quantization": scheme if kv == "auto" else f"{scheme}+kv:{kv}",
+                   "linears": describe_quantization(model), "kv_cache_dtype": kv,
+                   "perplexity": result.perplexity, "tokens": result.num_predicted_tokens,
+                   "seconds": time.perf_counter() - t0}
+            if baseline is None:
+                baseline = result
+            else:
+                row["delta_vs_first"] = result.perplexity / baseline.perplexity - 1.0
+                row["top1_agreement_vs_first"] = result.top1_agreement(baseline)
+            rows.append(row)
+            t0 = time.perf_counter()
+            if args.json:
+                print(json.dumps(row), flush=True)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if args.json:
-            print(json.dumps(row), flush=True)
     if not args.json:
-        print(format_ppl_table(rows, schemes[0]))
+        print(format_ppl_table(rows, rows[0]["quantization"]))
     return 0
 
 
+def _kv_perplexity(model: "LlamaForCausalLM", sequences: Sequence[Sequence[int]], kv_cache_dtype: str,
+                   model_path: str | None, tokenizer, vocab_size: int) -> PerplexityResult:
+    """Perplexity through a paged KV cache of kv_cache_dtype, with the scales the engine would use."""
+    from kvflight.quant.kv_cache import perplexity_with_kv_cache, resolve_kv_scales
+
+    scales, source = resolve_kv_scales(model, kv_cache_dtype, model_path, lambda: tokenizer, vocab_size)
+    logger.info("kv_cache_dtype %s: scales from %s", kv_cache_dtype, source)
+    predictions: list[torch.Tensor] = []
+    ppl = perplexity_with_kv_cache(model, sequences, kv_cache_dtype, scales, predictions=predictions)
+    count = sum(len(s) - 1 for s in sequences)
+    return PerplexityResult(math.log(ppl) * count, count, torch.cat(predictions) if predictions else torch.zeros(0))
+
+
 def format_ppl_table(rows: list[dict], first: str) -> str:
-    lines = [f"{'quantization':<13} {'perplexity':>10} {'vs ' + first:>12} {'top-1 agree':>12}  linears",
+    width = max([13] + [len(r["quantization"]) for r in rows])
+    lines = [f"{'quantization':<{width}} {'perplexity':>10} {'vs ' + first:>12} {'top-1 agree':>12}  linears",
              "-" * 80]
     for row in rows:
         delta = f"{row['delta_vs_first']:+.2%}" if "delta_vs_first" in row else "-"
         agree = f"{row['top1_agreement_vs_first']:.1%}" if "top1_agreement_vs_first" in row else "-"
-        lines.append(f"{row['quantization']:<13} {row['perplexity']:>10.3f} {delta:>12} {agree:>12}  {row['linears']}")
+        lines.append(f"{row['quantization']:<{width}} {row['perplexity']:>10.3f} {delta:>12} {agree:>12}  {row['linears']}")
     return "\n".join(lines)
 
 

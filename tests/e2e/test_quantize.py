@@ -152,6 +152,18 @@ def test_quantize_and_eval_commands(tiny_with_tokenizer, tmp_path) -> None:
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout.strip().splitlines()[-1])
     assert row["quantization"] == "auto" and row["linears"].startswith("int8_sq") and row["perplexity"] > 1
+    # the same checkpoint through its fp8 KV cache (the checkpoint's calibrated scales) and an online-calibrated
+    # int8 cache: each scored against the float cache on the same tokens
+    res = _run("eval", "ppl", str(out), "--dataset", str(text), "--json", "--device", "cpu", "--max-seq-len", "16",
+               "--kv-cache-dtype", "auto,fp8,int8")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(ln) for ln in res.stdout.strip().splitlines()]
+    assert [r["quantization"] for r in rows] == ["auto", "auto+kv:fp8", "auto+kv:int8"]
+    for r in rows[1:]:
+        assert abs(r["delta_vs_first"]) < 0.05 and r["top1_agreement_vs_first"] > 0.8, r
+        assert r["perplexity"] != rows[0]["perplexity"]  # the quantized cache was really read back
+    res = _run("eval", "ppl", str(out), "--dataset", str(text), "--device", "cpu", "--kv-cache-dtype", "int4")
+    assert res.returncode == 2 and "--kv-cache-dtype" in res.stderr
     res = _run("quantize", str(tiny_with_tokenizer), "--qformat", "int4_awq", "--calib-dataset",
                str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x"), "--device", "cpu")
     assert res.returncode == 2 and "missing.jsonl" in res.stderr and "no such file" in res.stderr
