@@ -14,7 +14,8 @@ Parameters per scheme (N output, K input features of this rank):
                                                               >= 17 rows: dequantize_int4 + cuBLAS
     fp8       weight [N, K] float8_e4m3fn, weight_scale [N] float32               -> torch._scaled_mm (sm >= 8.9);
                                                               <= 16 rows: w8a16_matmul on the fp8 weights
-    int8_sq   weight [N, K] int8, weight_scale [N] float32                       -> torch._int_mm (CUDA)
+    int8_sq   weight [N, K] int8, weight_scale [N] float32                       -> torch._int_mm (CUDA);
+                                                              <= 16 rows: w8a16_matmul on the int8 weights
 On CPU every scheme computes the same math in float (dequantize + matmul; W8A8 quantizes activations exactly as
 the GPU path does), so the engine runs everywhere. The CPU path dequantizes a layer's weight once and keeps the float
 copy (CPU_CACHE_DEQUANTIZED): CPU memory is not what quantization is for, and dequantizing every weight at every
@@ -42,9 +43,11 @@ if TYPE_CHECKING:
 # 534 us vs dequantize + cuBLAS 446 us at 256 rows, fused ahead at 64; int4: the fused kernel loses from 16 rows)
 WO_DEQUANT_MIN_ROWS_8BIT = 128
 WO_DEQUANT_MIN_ROWS_INT4 = 17
-# fp8 calls up to this many rows skip the activation quantization and the scaled GEMM: the W8A16 kernel reads the
-# fp8 weights directly (decode is weight-bandwidth bound; cuBLASLt's fp8 GEMM pads a 1-row call)
+# fp8 and int8_sq calls up to this many rows skip the activation quantization and the 8-bit GEMM: the W8A16 kernel
+# reads the 8-bit weights directly (decode is weight-bandwidth bound; cuBLASLt's fp8 GEMM pads a 1-row call, the
+# int8 one needs 17 rows). The result is the weight-only product: no activation rounding.
 FP8_WEIGHT_ONLY_MAX_ROWS = 16
+W8A8_WEIGHT_ONLY_MAX_ROWS = FP8_WEIGHT_ONLY_MAX_ROWS
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows: smaller batches are zero-padded
 CPU_CACHE_DEQUANTIZED = True  # CPU fallback: keep each layer's dequantized weight after its first use
 
@@ -240,6 +243,10 @@ class Int8SmoothQuantMethod(_W8A8Method):
         n, k = layer.weight.shape
         if not (x.is_cuda and n % 8 == 0 and k % 8 == 0):
             return self.emulate(layer, x, bias)
+        if x.numel() <= W8A8_WEIGHT_ONLY_MAX_ROWS * k and x.dtype in (torch.bfloat16, torch.float16):
+            from kvflight.kernels.w8a16_matmul import w8a16_matmul
+
+            return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
         from kvflight.kernels.per_token_quant import per_token_quant
 
         x2 = x.reshape(-1, k)  # [T, K]

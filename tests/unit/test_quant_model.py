@@ -259,7 +259,7 @@ def test_gpu_paths_equal_the_cpu_math(scheme: str) -> None:
     for num_tokens in (1, 5, 40, 1100):
         x = torch.randn(num_tokens, 4096, device="cuda", dtype=torch.bfloat16)
         out = layer(x).float().cpu()
-        if scheme == "fp8" and num_tokens <= FP8_WEIGHT_ONLY_MAX_ROWS:  # weight-only math: no activation rounding
+        if scheme in ("fp8", "int8_sq") and num_tokens <= FP8_WEIGHT_ONLY_MAX_ROWS:  # weight-only math
             ref = torch.nn.functional.linear(x.float().cpu(), cpu_layer.quant_method.dequantized_weight(cpu_layer)
                                              .float(), cpu_layer.bias.float())
         else:
