@@ -53,7 +53,7 @@ import dataclasses
 import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 from kvflight.config import ConfigError, EngineConfig, add_cli_args, flat_from_args, load_yaml, parse_size
@@ -644,14 +644,8 @@ def plan_memory(arch: ModelArch, config: EngineConfig | PlanInputs | Mapping[str
         num_params_per_gpu=params_per_gpu(arch, shard), num_heads_per_gpu=shard.num_heads,
         num_kv_heads_per_gpu=shard.num_kv_heads, kv_heads_replicated=arch.num_kv_heads < inputs.tensor_parallel_size,
         rotary_cache_bytes=rotary_cache_bytes(arch),
-        weights_bytes=b.weights_bytes, activation_bytes=b.activation_bytes,
-        forward_peak_bytes=b.forward_peak_bytes, logits_peak_bytes=b.logits_peak_bytes,
-        profile_num_tokens=b.profile_num_tokens, profile_num_rows=b.profile_num_rows,
-        cuda_graph_bytes=b.cuda_graph_bytes, cuda_graph_max_batch_size=b.cuda_graph_max_batch_size,
-        non_torch_bytes=b.non_torch_bytes, usable_bytes=b.usable_bytes, kv_budget_bytes=b.kv_budget_bytes,
-        kv_cap_reason=b.kv_cap_reason, kv_bytes_per_token=b.kv_bytes_per_token,
-        kv_bytes_per_block=b.kv_bytes_per_block, num_blocks=b.num_blocks, blocks_per_max_seq_len=blocks_per_seq,
-        leftover_bytes=b.leftover_bytes,
+        **{f.name: getattr(b, f.name) for f in fields(_Budget)},  # every figure of the budget, under its name
+        blocks_per_max_seq_len=blocks_per_seq,
         largest_max_batch_size=_largest_batch(arch, inputs, seq_len, gpu_memory_bytes, measured),
         alpha=alpha, max_num_tokens_guide=guide_max_num_tokens(inputs.max_batch_size, input_len, alpha),
         max_num_tokens_capacity=0,
