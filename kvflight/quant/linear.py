@@ -46,8 +46,7 @@ WO_DEQUANT_MIN_ROWS_INT4 = 17
 # fp8 and int8_sq calls up to this many rows skip the activation quantization and the 8-bit GEMM: the W8A16 kernel
 # reads the 8-bit weights directly (decode is weight-bandwidth bound; cuBLASLt's fp8 GEMM pads a 1-row call, the
 # int8 one needs 17 rows). The result is the weight-only product: no activation rounding.
-FP8_WEIGHT_ONLY_MAX_ROWS = 16
-W8A8_WEIGHT_ONLY_MAX_ROWS = FP8_WEIGHT_ONLY_MAX_ROWS
+W8A8_WEIGHT_ONLY_MAX_ROWS = 16
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows: smaller batches are zero-padded
 CPU_CACHE_DEQUANTIZED = True  # CPU fallback: keep each layer's dequantized weight after its first use
 
@@ -183,6 +182,18 @@ class _W8A8Method(LinearMethod):
             out = out + bias.float()
         return out.to(x.dtype).view(*x.shape[:-1], -1)
 
+    @staticmethod
+    def weight_only_batch(x: torch.Tensor) -> bool:
+        """A decode-sized 16-bit call (<= W8A8_WEIGHT_ONLY_MAX_ROWS rows) that weight_only serves."""
+        return x.numel() <= W8A8_WEIGHT_ONLY_MAX_ROWS * x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
+
+    @staticmethod
+    def weight_only(layer: "_ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (qweight * scale)^T through the W8A16 kernel on the 8-bit weights (CUDA)."""
+        from kvflight.kernels.w8a16_matmul import w8a16_matmul
+
+        return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
+
     def dequantized_weight(self, layer):
         return layer.weight.float() * layer.weight_scale[:, None]
 
@@ -211,10 +222,8 @@ class Fp8Method(_W8A8Method):
         n, k = layer.weight.shape
         if not (x.is_cuda and _has_fp8_matmul(x.device.index or 0) and n % 16 == 0 and k % 16 == 0):
             return self.emulate(layer, x, bias)
-        if x.numel() <= FP8_WEIGHT_ONLY_MAX_ROWS * k and x.dtype in (torch.bfloat16, torch.float16):
-            from kvflight.kernels.w8a16_matmul import w8a16_matmul
-
-            return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
+        if self.weight_only_batch(x):
+            return self.weight_only(layer, x, bias)
         from kvflight.kernels.per_token_quant import per_token_quant
 
         x2 = x.reshape(-1, k)  # [T, K]
@@ -243,10 +252,8 @@ class Int8SmoothQuantMethod(_W8A8Method):
         n, k = layer.weight.shape
         if not (x.is_cuda and n % 8 == 0 and k % 8 == 0):
             return self.emulate(layer, x, bias)
-        if x.numel() <= W8A8_WEIGHT_ONLY_MAX_ROWS * k and x.dtype in (torch.bfloat16, torch.float16):
-            from kvflight.kernels.w8a16_matmul import w8a16_matmul
-
-            return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
+        if self.weight_only_batch(x):
+            return self.weight_only(layer, x, bias)
         from kvflight.kernels.per_token_quant import per_token_quant
 
         x2 = x.reshape(-1, k)  # [T, K]

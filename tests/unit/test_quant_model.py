@@ -252,14 +252,14 @@ def test_gpu_paths_equal_the_cpu_math(scheme: str) -> None:
     layer.bias.data.normal_(0, 0.1)
     quantize_linear_(layer, make_linear_method(QuantConfig(scheme), 4096))
     cpu_layer = copy.deepcopy(layer).to("cpu")
-    from kvflight.quant.linear import FP8_WEIGHT_ONLY_MAX_ROWS
+    from kvflight.quant.linear import W8A8_WEIGHT_ONLY_MAX_ROWS
 
     # 1, 5: decode kernels; 40: the fused kernels' large tiles (int4: dequantize + cuBLAS); 1100: dequantize +
     # cuBLAS for int8_wo too
     for num_tokens in (1, 5, 40, 1100):
         x = torch.randn(num_tokens, 4096, device="cuda", dtype=torch.bfloat16)
         out = layer(x).float().cpu()
-        if scheme in ("fp8", "int8_sq") and num_tokens <= FP8_WEIGHT_ONLY_MAX_ROWS:  # weight-only math
+        if scheme in ("fp8", "int8_sq") and num_tokens <= W8A8_WEIGHT_ONLY_MAX_ROWS:  # weight-only math
             ref = torch.nn.functional.linear(x.float().cpu(), cpu_layer.quant_method.dequantized_weight(cpu_layer)
                                              .float(), cpu_layer.bias.float())
         else:
