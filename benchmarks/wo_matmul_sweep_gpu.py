@@ -70,7 +70,7 @@ def dequantized(kind: str, weights) -> torch.Tensor:
         q, scales, zeros = weights
         return ops.dequantize_int4(q, scales, zeros, 128).to(torch.bfloat16)
     q, s = weights
-    return (q.float() * s[:, None]).to(torch.bfloat16)
+    return ops.dequantize_int8(q, s).to(torch.bfloat16)
 
 
 def triton_dequantized(kind: str, weights) -> torch.Tensor:

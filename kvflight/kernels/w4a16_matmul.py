@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflight.kernels.w8a16_matmul import KernelConfig, choose_config
+from kvflight.kernels.w8a16_matmul import KernelConfig, choose_config, split_k_output
 
 
 @triton.jit
@@ -112,10 +112,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if group_size % cfg.block_k:
         raise ValueError(f"w4a16_matmul: block_k={cfg.block_k} must divide group_size={group_size}")
     split = cfg.split_k if split_k is None else split_k
-    if split > 1:
-        out = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    out = split_k_output(M, N, split, x2)
     if M > 0 and N > 0:
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
         _w4a16_matmul_kernel[grid](
@@ -125,6 +122,4 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        out = out.to(x2.dtype)
-    return out.view(*x.shape[:-1], N)
+    return out.to(x2.dtype).view(*x.shape[:-1], N)

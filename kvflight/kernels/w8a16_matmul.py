@@ -137,6 +137,14 @@ def choose_config(M: int, N: int, K: int, device: torch.device, max_block_k: int
     return KernelConfig(block_m, block_n, block_k, split, 4 if block_m * block_n <= 64 * 64 else 8, 3)
 
 
+def split_k_output(M: int, N: int, split: int, x: torch.Tensor) -> torch.Tensor:
+    """The [M, N] output of a weight-only kernel launch: x's dtype, or with split_k > 1 a zero-filled float32
+    buffer the splits add into (the caller casts it back with .to(x.dtype), a no-op without a split)."""
+    if split > 1:
+        return torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    return torch.empty((M, N), dtype=x.dtype, device=x.device)
+
+
 def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None, split_k: int | None = None,
                  config: KernelConfig | None = None) -> torch.Tensor:
@@ -159,10 +167,7 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     M = x2.shape[0]
     cfg = config or choose_config(M, N, K, x2.device)
     split = cfg.split_k if split_k is None else split_k
-    if split > 1:
-        out = torch.zeros((M, N), dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    out = split_k_output(M, N, split, x2)
     if M > 0 and N > 0:
         grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
         _w8a16_matmul_kernel[grid](
@@ -172,6 +177,4 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
             DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        out = out.to(x2.dtype)
-    return out.view(*x.shape[:-1], N)
+    return out.to(x2.dtype).view(*x.shape[:-1], N)
