@@ -161,8 +161,7 @@ class Scheduler:
             start_pos = req.num_computed_tokens
             num_tokens = len(req.all_token_ids) + req.num_pending_tokens  # a pending token counts as known
             num_remaining = num_tokens - start_pos
-            if req.num_pending_tokens and (num_tokens - len(req.prompt_token_ids) >= req.max_tokens
-                                           or num_tokens >= self.max_seq_len):
+            if req.num_pending_tokens and num_tokens >= self._final_len(req):
                 i += 1  # its pending token is its last: it finishes when that token arrives
                 continue
             if num_remaining == 1:
@@ -409,7 +408,7 @@ class Scheduler:
                 fail(f"request {req.request_id!r}: num_pending_tokens={req.num_pending_tokens} outside [0, 2]")
             if not 0 <= req.num_computed_tokens <= req.num_tokens + req.num_pending_tokens:
                 fail(f"request {req.request_id!r}: num_computed_tokens={req.num_computed_tokens} outside "
-                     f"[0, {req.num_tokens}]")
+                     f"[0, {req.num_tokens} + {req.num_pending_tokens} pending]")
             if kv.get_num_blocks(req.request_id) * tpb < req.num_computed_tokens:
                 fail(f"request {req.request_id!r}: {kv.get_num_blocks(req.request_id)} blocks do not cover "
                      f"{req.num_computed_tokens} computed tokens")
