@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvflight.cache.kv_manager import KVCacheManager
 from kvflight.config import ConfigError, EngineConfig
@@ -29,6 +29,14 @@ def _rss_bytes() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+class _Inflight(NamedTuple):
+    """A launched step whose tokens are not applied yet."""
+
+    out: SchedulerOutput
+    launched: LaunchedStep
+    needs_sync: bool  # a request in it reads its past tokens when sampling: complete it before scheduling the next
 
 
 class Engine:
@@ -85,7 +93,7 @@ class Engine:
         self.scheduler = Scheduler(sched, self.kv, self.max_seq_len)
         self.iteration = 0
         self.async_scheduling = self._resolve_async_scheduling()
-        self._inflight: tuple[SchedulerOutput, LaunchedStep, bool] | None = None  # (step, launch, needs sync)
+        self._inflight: _Inflight | None = None  # the launched step not yet completed (asynchronous scheduling)
         logger.info("engine ready in %.1f s: %s, %s on %s, max_seq_len=%d, max_input_len=%d, max_batch_size=%d, "
                     "max_num_tokens=%d, policy=%s", time.perf_counter() - t0, self.resolved.name,
                     str(self.runner.dtype).removeprefix("torch."), self.runner.device, self.max_seq_len,
@@ -194,15 +202,15 @@ class Engine:
             return outputs
         outputs: list[StepOutput] = []
         prev, self._inflight = self._inflight, None
-        if prev is not None and prev[2]:
-            outputs = self._complete(prev[0], self.runner.resolve(prev[1]))
+        if prev is not None and prev.needs_sync:
+            outputs = self._complete(prev.out, self.runner.resolve(prev.launched))
             prev = None
         out = self.scheduler.schedule()
         if not out.is_empty:
             launched = self.runner.launch(out)
-            self._inflight = (out, launched, any(r.needs_token_history for r in launched.rows))
+            self._inflight = _Inflight(out, launched, any(r.needs_token_history for r in launched.rows))
         if prev is not None:
-            outputs += self._complete(prev[0], self.runner.resolve(prev[1]))
+            outputs += self._complete(prev.out, self.runner.resolve(prev.launched))
         if not out.is_empty:
             self._log_stats(t0)
         return outputs
