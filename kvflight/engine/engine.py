@@ -14,7 +14,7 @@ from kvflight.cache.kv_manager import KVCacheManager
 from kvflight.config import ConfigError, EngineConfig
 from kvflight.model.loader import ResolvedModel, load_arch, load_tokenizer, resolve_model
 from kvflight.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
-from kvflight.runner.tp_workers import TensorParallelError, TPWorkerGroup
+from kvflight.runner.tp_workers import TensorParallelError, TPWorkerGroup, check_custom_all_reduce
 from kvflight.sched.scheduler import Scheduler
 from kvflight.types import FinishReason, Request, SchedulerOutput, StepOutput
 
@@ -244,7 +244,9 @@ class Engine:
         failed worker raises TensorParallelError (the collectives time out after KVFLIGHT_TP_TIMEOUT_S)."""
         self.tp_workers.send_step(out)
         try:
-            return self.runner.execute(out)
+            result = self.runner.execute(out)
+            check_custom_all_reduce()  # a barrier that timed out on a dead peer: its step's tokens are garbage
+            return result
         except Exception as exc:
             raise TensorParallelError(self.tp_workers.failure_message()) from exc
 

@@ -3,7 +3,8 @@
 Every layer keeps only its rank's slice and its `weight_loader(param, loaded_weight, shard_id=None)` takes that slice
 out of the full checkpoint tensor. The process's TP rank / size (set_tensor_parallel, before building the model) is
 read at construction; the two collectives below go through torch.distributed's default process group when the size
-is > 1 (gloo on CPU, NCCL on GPUs; kvflight/runner/tp_workers.py sets it up). One process holds one TP group.
+is > 1 (gloo on CPU, NCCL on GPUs; kvflight/runner/tp_workers.py sets it up), the all-reduce through the custom P2P
+kernel for small messages when one is set (set_custom_all_reduce). One process holds one TP group.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ WeightLoader = Callable[..., None]
 class _TensorParallelState:
     rank: int = 0
     size: int = 1
+    custom_all_reduce: Any = None  # kvflight.runner.custom_all_reduce.CustomAllReduce, or None: NCCL / gloo
 
 
 _TP = _TensorParallelState()
@@ -47,6 +49,20 @@ def set_tensor_parallel(rank: int, size: int) -> None:
     if size < 1 or not 0 <= rank < size:
         raise ValueError(f"tensor parallel rank={rank}, size={size}: need size >= 1 and 0 <= rank < size")
     _TP.rank, _TP.size = rank, size
+    if size == 1:
+        set_custom_all_reduce(None)
+
+
+def set_custom_all_reduce(car: Any) -> None:
+    """Route tp_all_reduce through `car` (a CustomAllReduce: its kernel for small messages, NCCL for the rest); None
+    closes the current one and goes back to the backend's all-reduce."""
+    if _TP.custom_all_reduce is not None and _TP.custom_all_reduce is not car:
+        _TP.custom_all_reduce.close()
+    _TP.custom_all_reduce = car
+
+
+def get_custom_all_reduce() -> Any:
+    return _TP.custom_all_reduce
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +74,8 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         raise RuntimeError(f"tensor parallel size {get_tp_size()} but torch.distributed is not initialized; "
                            "build TP models through the Engine (kvflight/runner/tp_workers.py sets up the group)")
+    if _TP.custom_all_reduce is not None:
+        return _TP.custom_all_reduce.all_reduce(x)
     dist.all_reduce(x)
     return x
 

@@ -34,6 +34,30 @@ _STACKED: tuple[tuple[str, str, str | int], ...] = (
 _IGNORED_SUFFIXES: tuple[str, ...] = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
+def hf_tensor_shapes(arch: ModelArch) -> list[tuple[str, tuple[int, ...]]]:
+    """The unsharded HF checkpoint tensors of this family for `arch`: (name, shape) in checkpoint order."""
+    h, hd, inter = arch.hidden_size, arch.head_dim, arch.intermediate_size
+    q, kv = arch.num_heads * hd, arch.num_kv_heads * hd
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (arch.vocab_size, h))]
+    for i in range(arch.num_layers):
+        pre = f"model.layers.{i}."
+        out += [(pre + "self_attn.q_proj.weight", (q, h)), (pre + "self_attn.k_proj.weight", (kv, h)),
+                (pre + "self_attn.v_proj.weight", (kv, h))]
+        if arch.attention_bias:
+            out += [(pre + "self_attn.q_proj.bias", (q,)), (pre + "self_attn.k_proj.bias", (kv,)),
+                    (pre + "self_attn.v_proj.bias", (kv,))]
+        if arch.qk_norm:
+            out += [(pre + "self_attn.q_norm.weight", (hd,)), (pre + "self_attn.k_norm.weight", (hd,))]
+        out += [(pre + "self_attn.o_proj.weight", (h, q)),
+                (pre + "mlp.gate_proj.weight", (inter, h)), (pre + "mlp.up_proj.weight", (inter, h)),
+                (pre + "mlp.down_proj.weight", (h, inter)),
+                (pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,))]
+    out.append(("model.norm.weight", (h,)))
+    if not arch.tie_word_embeddings:
+        out.append(("lm_head.weight", (arch.vocab_size, h)))
+    return out
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str | None, backend: str) -> None:
         super().__init__()

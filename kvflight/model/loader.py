@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -333,15 +334,32 @@ def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtyp
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
-    """In place on the model's device and dtype: U(-1e-3, 1e-3) everywhere, 1.0 for RMSNorm weights."""
+    """In place on the model's device and dtype: U(-1e-3, 1e-3) everywhere, 1.0 for RMSNorm weights.
+
+    Each unsharded checkpoint tensor is drawn from its own generator (seed + crc32 of its HF name) on the model's
+    device and goes through the parameters' weight loaders like a real checkpoint, so a rank of a tensor-parallel
+    model holds exactly its slice of the single-GPU model's weights (the two give the same tokens).
+    """
+    from kvflight.model.llama import hf_tensor_shapes
+
     first = next(model.parameters())
-    generator = torch.Generator(device=first.device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # tied weights appear once
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)
+    model.load_weights(dummy_weights(hf_tensor_shapes(model.arch), seed, first.device, first.dtype))
+    if first.device.type == "cuda":
+        torch.cuda.empty_cache()  # the full-size draws are gone: do not let them shrink the KV plan
+
+
+def dummy_weights(shapes: list[tuple[str, tuple[int, ...]]], seed: int, device: torch.device, dtype: torch.dtype
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, random tensor) for each (name, shape): 1.0 for norm weights, else U(-1e-3, 1e-3) from a generator
+    seeded with seed + crc32(name) (the same values on any device of the same kind, in any process)."""
+    for name, shape in shapes:
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        generator = torch.Generator(device=device).manual_seed((seed + zlib.crc32(name.encode())) % (1 << 63))
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        tensor.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)
+        yield name, tensor
 
 
 def safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -97,8 +97,35 @@ def _backend(config: EngineConfig) -> str:
     return "nccl" if resolve_device(config.model.device).type == "cuda" and torch.cuda.is_available() else "gloo"
 
 
+def setup_all_reduce(strategy: str, rank: int, world_size: int) -> tuple[str, str]:
+    """Every rank, right after joining the group: set up the custom all-reduce when `strategy` is 'custom' (all
+    ranks at once). (strategy in use, why): 'custom', or 'nccl' / 'gloo' when it failed anywhere or was not asked."""
+    if strategy != "custom":
+        return strategy, ""
+    import torch
+
+    from kvflight.model.layers import set_custom_all_reduce
+    from kvflight.runner.custom_all_reduce import create_custom_all_reduce
+
+    car, why = create_custom_all_reduce(rank, world_size, torch.device("cuda", rank))
+    if car is None:
+        return "nccl", why
+    set_custom_all_reduce(car)
+    return "custom", why
+
+
+def check_custom_all_reduce() -> None:
+    """Raise when this rank's custom all-reduce timed out waiting for a peer (after the step's results landed)."""
+    from kvflight.model.layers import get_custom_all_reduce
+
+    car = get_custom_all_reduce()
+    if car is not None:
+        car.check()
+
+
 def _worker_main(rank: int, world_size: int, init_method: str, config: EngineConfig, resolved: ResolvedModel,
-                 arch: ModelArch, max_seq_len: int, conn: Any, num_threads: int, log_level: int) -> None:
+                 arch: ModelArch, max_seq_len: int, conn: Any, num_threads: int, log_level: int,
+                 all_reduce: str) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [tp{rank}] %(name)s: %(message)s")
     dist = None
     try:
@@ -117,6 +144,7 @@ def _worker_main(rank: int, world_size: int, init_method: str, config: EngineCon
         conn.send(("hello", rank))
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=tp_timeout_s()))
+        setup_all_reduce(all_reduce, rank, world_size)
         runner = ModelRunner(config, resolved, arch, max_seq_len)
         runner.skip_sampling = True
         conn.send(("loaded", rank))
@@ -133,6 +161,7 @@ def _worker_main(rank: int, world_size: int, init_method: str, config: EngineCon
             msg = conn.recv()
             if msg[0] == "step":
                 runner.execute(decode_step(msg[1]))
+                check_custom_all_reduce()
             else:  # "stop"
                 break
     except (EOFError, KeyboardInterrupt):  # rank 0 is gone: nothing to report to
@@ -199,7 +228,7 @@ class TPWorkerGroup:
                 parent_conn, child_conn = ctx.Pipe()
                 proc = ctx.Process(target=_worker_main, name=f"kvflight-tp{rank}", daemon=True,
                                    args=(rank, tp, init_method, config, resolved, arch, max_seq_len, child_conn,
-                                         num_threads, log_level))
+                                         num_threads, log_level, self.all_reduce_strategy))
                 proc.start()
                 child_conn.close()
                 self.processes.append(proc)
@@ -214,6 +243,11 @@ class TPWorkerGroup:
             set_tensor_parallel(0, tp)
             dist.init_process_group(self.backend, init_method=init_method, rank=0, world_size=tp,
                                     timeout=timedelta(seconds=tp_timeout_s()))
+            self.all_reduce_strategy, why = setup_all_reduce(self.all_reduce_strategy, 0, tp)
+            if config.parallel.use_custom_all_reduce == "on" and self.all_reduce_strategy != "custom" \
+                    and self.backend == "nccl":
+                raise ConfigError(f"use_custom_all_reduce=on, but the custom all-reduce could not be set up ({why}); "
+                                  "use auto (falls back to NCCL) or off")
         except BaseException:
             self.shutdown()
             raise
@@ -231,10 +265,10 @@ class TPWorkerGroup:
 
         pays, reason = custom_allreduce_pays(list(range(self.world_size)))
         if mode == "on" or pays:
-            logger.warning("custom all-reduce %s (%s), but it is not implemented yet: NCCL all-reduce used",
-                           "requested" if mode == "on" else "would pay", reason)
-        else:
-            logger.info("custom all-reduce does not pay here (%s): NCCL all-reduce", reason)
+            logger.info("custom all-reduce for small messages (%s; %s): NCCL for the rest",
+                        "use_custom_all_reduce=on" if mode == "on" else "auto", reason)
+            return "custom"
+        logger.info("custom all-reduce does not pay here (%s): NCCL all-reduce", reason)
         return "nccl"
 
     # ---- start-up ------------------------------------------------------------------------------------------

@@ -48,6 +48,17 @@ def test_tiny_4_kv_heads_tp2_matches_tp1(tiny, smollm2_path):
     assert blocks2 == 2 * blocks1  # each rank holds half the KV heads: twice the blocks in the same budget
 
 
+def test_dummy_weights_tp2_are_slices_of_tp1(tiny, smollm2_path):
+    """load_format=dummy draws every unsharded checkpoint tensor from its own seeded generator, so a tp=2 rank holds
+    exactly its slice of the tp=1 weights: the same tokens (the GPU benchmark's 8B check relies on it)."""
+    ref, _ = _greedy(tiny["llama_mha"], TINY_PROMPTS, 8, tokenizer=smollm2_path, load_format="dummy")
+    got, _ = _greedy(tiny["llama_mha"], TINY_PROMPTS, 8, tokenizer=smollm2_path, load_format="dummy",
+                     tensor_parallel_size=2)
+    assert got == ref
+    other, _ = _greedy(tiny["llama_mha"], TINY_PROMPTS, 8, tokenizer=smollm2_path, load_format="dummy", seed=1)
+    assert other != ref  # the seed reaches the weights
+
+
 @pytest.mark.slow
 def test_tiny_replicated_kv_heads_tp4_matches_tp1(tiny, smollm2_path):
     """8 query heads, 2 KV heads over 4 ranks: each KV head lives on two ranks."""
