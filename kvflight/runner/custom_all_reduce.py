@@ -256,9 +256,13 @@ def create_custom_all_reduce(rank: int, world_size: int, device: torch.device, *
     error = ""
     car: CustomAllReduce | None = None
     device = torch.device(device)
+    index = -1
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        no_peer = [p for p in range(world_size) if p != index and not torch.cuda.can_device_access_peer(index, p)]
+    indices: list[Any] = [None] * world_size
+    dist.all_gather_object(indices, index)
+    if device.type == "cuda":
+        no_peer = [d for d in indices if d != index and not torch.cuda.can_device_access_peer(index, d)]
         if no_peer:
             error = f"cuda:{index} cannot access cuda:{no_peer[0]} directly (no P2P)"
     oks: list[Any] = [None] * world_size

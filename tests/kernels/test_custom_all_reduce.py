@@ -38,18 +38,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, use_cuda: bool, queue) -> None:
+def _rank_main(rank: int, world: int, port: int, mode: str, queue) -> None:
+    """mode: 'cpu' (gloo, shared memory files), 'cuda' (NCCL, rank r on cuda:r), 'one_gpu' (gloo, both ranks on
+    cuda:0: checks the kernel compiled for a GPU and the IPC mapping where only one GPU is lent)."""
     import torch.distributed as dist
 
     from kvflight.kernels.all_reduce import reference_all_reduce
     from kvflight.runner.custom_all_reduce import CustomAllReduceError, create_custom_all_reduce
 
     try:
+        use_cuda = mode != "cpu"
+        gpu = rank if mode == "cuda" else 0
         if use_cuda:
-            torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+            torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu) if use_cuda else torch.device("cpu")
+        dist.init_process_group("nccl" if mode == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world)
         car, why = create_custom_all_reduce(rank, world, device, capacity_bytes=CAPACITY_BYTES,
                                             max_spins=50_000_000 if use_cuda else 200_000)
         assert car is not None, why
@@ -57,11 +61,12 @@ def _rank_main(rank: int, world: int, port: int, use_cuda: bool, queue) -> None:
         for i, (n, dtype, strategy) in enumerate(CASES):
             gen = torch.Generator().manual_seed(1000 * i + rank)
             x = torch.randn(n, generator=gen).to(dtype).to(device)
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x)
-            expected = reference_all_reduce(parts)
+            parts = [torch.empty_like(x.cpu()) for _ in range(world)]
+            dist.all_gather(parts, x.cpu())  # gathered on the host: gloo has no CUDA all_gather
+            expected = reference_all_reduce([p.to(device) for p in parts]).cpu()
             chosen = car.strategy(x) if strategy is None else strategy
             got = car.all_reduce(x.clone(), strategy)
+            got = got.cpu()
             gathered = [torch.empty_like(got) for _ in range(world)]
             dist.all_gather(gathered, got)
             same_on_ranks = all(torch.equal(g, gathered[0]) for g in gathered)
@@ -86,11 +91,11 @@ def _rank_main(rank: int, world: int, port: int, use_cuda: bool, queue) -> None:
         queue.put((rank, [], "", traceback.format_exc()))
 
 
-def _run(world: int, use_cuda: bool) -> dict:
+def _run(world: int, mode: str) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, use_cuda, queue), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, mode, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     out = {}
@@ -120,11 +125,18 @@ def _check(out: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU variant below runs instead")
 def test_custom_all_reduce_two_cpu_processes():
-    _check(_run(2, use_cuda=False))
+    _check(_run(2, "cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_custom_all_reduce_two_gpus():
     if not torch.cuda.can_device_access_peer(0, 1):
         pytest.skip("GPU0 and GPU1 cannot reach each other over P2P")
-    _check(_run(2, use_cuda=True))
+    _check(_run(2, "cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_custom_all_reduce_two_processes_on_one_gpu():
+    """Two ranks on cuda:0 (time-sliced, so every barrier waits for the other process's turn): the kernel compiled
+    for the GPU, the CUDA IPC mapping within one device, the pinned error word."""
+    _check(_run(2, "one_gpu"))

@@ -175,3 +175,73 @@ def test_fp8_weights_in_w8a16_and_dequant_on_gpu() -> None:
         x = torch.randn(num_tokens, 4096, generator=g).bfloat16().cuda()
         out = w8a16_matmul(x, q, scale)
         torch.testing.assert_close(out.float(), x.float() @ wd.t(), atol=5e-2, rtol=2e-2)
+
+
+# ---- the decode GEMV (a few rows, CUDA cores, weights streamed once) ---------------------------------------------
+@pytest.mark.parametrize("num_tokens", [1, 3, 4])  # BLOCK_M 1, 4 with a masked row, 4
+@pytest.mark.parametrize("group_size,k", [(32, 96), (128, 512)])
+@pytest.mark.parametrize("with_zeros", [True, False])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemv_4bit_matches_reference(num_tokens: int, group_size: int, k: int, with_zeros: bool, split_k: int,
+                                     device: str) -> None:
+    from kvflight.kernels.wo_gemv import GemvConfig, wo_gemv
+
+    g = torch.Generator().manual_seed(num_tokens * 1000 + k + with_zeros + split_k)
+    n = 40  # not a multiple of the column block: masked edges
+    x = torch.randn(num_tokens, k, generator=g)
+    qweight, scales, zeros = _w4(n, k, group_size, g)
+    zeros = zeros if with_zeros else None
+    bias = torch.randn(n, generator=g)
+    cfg = GemvConfig(16, 32, split_k)
+    out = wo_gemv(x.to(device), qweight.to(device), scales.to(device), None if zeros is None else zeros.to(device),
+                  group_size, bias.to(device), config=cfg)
+    ref = reference.w4a16_matmul(x, qweight, scales, zeros, group_size, bias)
+    assert out.shape == (num_tokens, n) and out.dtype == x.dtype
+    torch.testing.assert_close(out.cpu(), ref, **F32)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2])
+@pytest.mark.parametrize("n,k", [(40, 64), (24, 200)])  # ragged K tail
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv_8bit_matches_reference(num_tokens: int, n: int, k: int, split_k: int, device: str) -> None:
+    from kvflight.kernels.wo_gemv import GemvConfig, wo_gemv
+
+    g = torch.Generator().manual_seed(num_tokens * 100 + n + split_k)
+    x = torch.randn(num_tokens, k, generator=g)
+    qweight, scale = _w8(n, k, g)
+    out = wo_gemv(x.to(device), qweight.to(device), scale.to(device), config=GemvConfig(16, 64, split_k))
+    torch.testing.assert_close(out.cpu(), reference.w8a16_matmul(x, qweight, scale), **F32)
+
+
+def test_gemv_refuses_bad_input() -> None:
+    from kvflight.kernels.wo_gemv import wo_gemv
+
+    with pytest.raises(ValueError, match="GEMV_MAX_ROWS"):
+        wo_gemv(torch.zeros(9, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
+    with pytest.raises(ValueError, match="group_size=48"):
+        wo_gemv(torch.zeros(1, 96), torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 2), group_size=48)
+    with pytest.raises(ValueError, match="qweight dtype torch.float16"):
+        wo_gemv(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.float16), torch.ones(8))
+
+
+@gpu
+@pytest.mark.parametrize("num_tokens", [1, 4])
+def test_gemv_llama_shapes_on_gpu(num_tokens: int) -> None:
+    from kvflight.kernels.wo_gemv import wo_gemv
+    from kvflight.quant import ops
+
+    g = torch.Generator().manual_seed(num_tokens)
+    for n, k in ((6144, 4096), (4096, 14336)):
+        x = torch.randn(num_tokens, k, generator=g).bfloat16().cuda()
+        q4, scales, zeros = _w4(n, k, 128, g)
+        out = wo_gemv(x, q4.cuda(), scales.cuda(), zeros.cuda(), 128)
+        ref = reference.w4a16_matmul(x.float(), q4.cuda(), scales.cuda(), zeros.cuda(), 128)
+        torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)
+        q8, scale = _w8(n, k, g)
+        out = wo_gemv(x, q8.cuda(), scale.cuda())
+        torch.testing.assert_close(out.float(), reference.w8a16_matmul(x.float(), q8.cuda(), scale.cuda()),
+                                   atol=5e-2, rtol=2e-2)
+        qf, scale_f = ops.quantize_fp8((torch.randn(n, k, generator=g) * 0.02).cuda(), per_channel=True)
+        out = wo_gemv(x, qf, scale_f)
+        torch.testing.assert_close(out.float(), x.float() @ (qf.float() * scale_f[:, None]).t(), atol=5e-2,
+                                   rtol=2e-2)

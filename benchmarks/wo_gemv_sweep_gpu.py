@@ -1,0 +1,80 @@
+"""GPU sweep of the weight-only decode GEMV (kernels/wo_gemv.py) against the tensor-core matmul kernels on the
+Llama-3.1-8B linears at 1..4 rows: weight bandwidth as a share of the copy bandwidth measured in the same run,
+timed as CUDA graphs of 20 launches. Run on the device machine:
+
+    python benchmarks/wo_gemv_sweep_gpu.py [--kinds int4,fp8,int8] [--tokens 1,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from kvflight.bench.limits import copy_bandwidth_bytes_per_s
+from kvflight.kernels.wo_gemv import GemvConfig, choose_gemv_config, wo_gemv
+from wo_matmul_sweep_gpu import SHAPES, dequantized, graph_time_us, make_weights, run
+
+
+def gemv(kind: str, x: torch.Tensor, weights, cfg: GemvConfig | None) -> torch.Tensor:
+    if kind == "int4":
+        q, scales, zeros = weights
+        return wo_gemv(x, q, scales, zeros, 128, config=cfg)
+    q, s = weights
+    return wo_gemv(x, q, s, config=cfg)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kinds", default="int4,fp8,int8")
+    ap.add_argument("--tokens", default="1,4")
+    ap.add_argument("--top", type=int, default=6, help="configs of the first token count retried at the others")
+    args = ap.parse_args()
+    bw = copy_bandwidth_bytes_per_s()
+    print(f"device {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
+    print(f"{'kind':<5} {'linear':<8} {'M':>2} {'matmul kernel':>17} {'gemv default':>17} {'gemv best':>17}  "
+          "best (block_n, block_k, split, warps, stages)")
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    for kind in args.kinds.split(","):
+        block_ks = (64, 128) if kind == "int4" else (256, 512)
+        grid = [GemvConfig(bn, bk, sp, w, st) for bn, bk, sp, (w, st) in
+                itertools.product((16, 32, 64), block_ks, (1, 2, 4), ((4, 3), (4, 4), (8, 4)))]
+        for name, (n, k) in SHAPES.items():
+            weights, nbytes = make_weights(kind, n, k)
+            wd = dequantized(kind, weights)
+            ranked: list[tuple[float, GemvConfig]] = []
+            for i, m in enumerate(tokens):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ wd.float().t()
+                t_mm = graph_time_us(lambda: run(kind, x, weights, None))
+                t_def = graph_time_us(lambda: gemv(kind, x, weights, None))
+                configs = grid if i == 0 else [c for _, c in ranked[:args.top]]
+                results = []
+                for cfg in configs:
+                    try:
+                        out = gemv(kind, x, weights, cfg)
+                        if not torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2):
+                            print(f"  {kind} {name} {tuple(cfg)}: WRONG (max err {(out.float() - ref).abs().max():.3g})")
+                            continue
+                        results.append((graph_time_us(lambda: gemv(kind, x, weights, cfg)), cfg))
+                    except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                        print(f"  {kind} {name} {tuple(cfg)}: {type(exc).__name__}")
+                results.sort(key=lambda r: r[0])
+                if i == 0:
+                    ranked = results
+                best_t, best_cfg = results[0] if results else (float("inf"), None)
+
+                def pct(t: float) -> str:
+                    return f"{t:7.1f}us {nbytes / (t * 1e-6) / bw:5.0%}bw"
+
+                print(f"{kind:<5} {name:<8} {m:>2} {pct(t_mm):>17} {pct(t_def):>17} {pct(best_t):>17}  "
+                      f"{tuple(best_cfg) if best_cfg else '-'}  default {tuple(choose_gemv_config(m, n, k, 4 if kind == 'int4' else 8))}",
+                      flush=True)
+            del weights, wd
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

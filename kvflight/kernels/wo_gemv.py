@@ -1,0 +1,176 @@
+"""Triton weight-only GEMV for decode-sized calls (a few rows): y = x W^T with W in 4-bit groups or 8-bit channels.
+
+The tensor-core kernels (w4a16_matmul / w8a16_matmul) pad a 1-row call to 16 rows and unpack every code into a dot
+operand; at batch 1 that leaves the 4-bit kernel at a third of the copy bandwidth. Here a program owns BLOCK_N output
+channels and a stretch of K, streams its [BLOCK_N, BLOCK_K] weight tiles once and multiplies them with the (tiny,
+cached) activation rows on the CUDA cores: every byte of weight is read once, and the per-element work is an unpack, a
+convert and a fused multiply-add.
+
+4-bit (reference.w4a16_matmul layout: byte j of a row = code of column 2j in the low nibble, 2j + 1 in the high one):
+the activation tile is split into its even and odd columns instead of interleaving nibbles; the zero point leaves the
+inner product, since sum_k (q_k - z) x_k = sum_k q_k x_k - z sum_k x_k, and the group's scale multiplies the tile's
+partial sum (a tile never straddles a group). 8-bit (int8, or float8 e4m3 bytes): the per-channel scale multiplies the
+final sum. With SPLIT_K > 1 the K stretches add into a zero-filled float32 output (w8a16_matmul.split_k_output).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflight.kernels.w8a16_matmul import split_k_output
+
+GEMV_MAX_ROWS = 4  # above this the tensor-core kernels (or dequantize + cuBLAS) take the call
+
+
+@triton.jit
+def _wo_gemv_kernel(
+    x_ptr,  # [M, K] activations
+    w_ptr,  # 4-bit: [N, K / 2] uint8 codes; 8-bit: [N, K] int8 (or float8 e4m3 bytes)
+    scales_ptr,  # 4-bit: [N, K / GROUP_SIZE]; 8-bit: [N] float32
+    zeros_ptr,  # 4-bit with HAS_ZEROS: [N, K / GROUP_SIZE] uint8 codes (else zero point 8); unused for 8-bit
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    out_ptr,  # [M, N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_zn,
+    stride_om,
+    BITS: tl.constexpr,  # 4 or 8
+    W_FP8: tl.constexpr,  # 8-bit codes are float8 e4m3
+    GROUP_SIZE: tl.constexpr,  # 4-bit group (BLOCK_K divides it); unused for 8-bit
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # >= M, a power of two
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)  # [BM] activation rows
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN] output channels
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    if BITS == 4:
+        HALF_K: tl.constexpr = BLOCK_K // 2
+        rj = tl.arange(0, HALF_K)  # [BK / 2] byte index inside the tile
+        for k0 in range(k_start, k_end, BLOCK_K):
+            jj = k0 // 2 + rj  # [BK / 2] byte columns (K is a multiple of the group, so a tile is whole)
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + jj[None, :], mask=n_mask[:, None], other=0)
+            low = (packed & 0x0F).to(tl.float32)  # [BN, BK / 2] codes of the even columns
+            high = (packed >> 4).to(tl.float32)  # odd columns
+            x_rows = x_ptr + rm[:, None] * stride_xm
+            x_even = tl.load(x_rows + 2 * jj[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+            x_odd = tl.load(x_rows + 2 * jj[None, :] + 1, mask=m_mask[:, None], other=0.0).to(tl.float32)
+            part = tl.sum(low[None, :, :] * x_even[:, None, :] + high[None, :, :] * x_odd[:, None, :], axis=2)
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)
+            else:
+                zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
+            x_sum = tl.sum(x_even + x_odd, axis=1)  # [BM]
+            acc += (part - zero[None, :] * x_sum[:, None]) * scale[None, :]
+    else:
+        rk = tl.arange(0, BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            kk = k0 + rk  # [BK]
+            k_mask = kk < K
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)  # [BN, BK] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
+            if W_FP8:
+                w = w.to(tl.float8e4nv, bitcast=True)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)  # [BM, BK]
+            acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+        scale = tl.load(scales_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
+        acc = acc * scale[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128) -> GemvConfig:
+    """The launch for one call (see benchmarks/wo_matmul_sweep_gpu.py --gemv for the H100 sweep behind it)."""
+    if bits == 4:
+        block_k = min(group_size, 128)
+        return GemvConfig(64 if N >= 8192 else 32, block_k, 4 if K >= 8192 else (2 if N <= 8192 else 1), 4, 4)
+    return GemvConfig(32 if N >= 8192 else 16, 256, 4 if K >= 8192 else (2 if N <= 8192 else 1), 4, 4)
+
+
+def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+            group_size: int = 0, bias: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] (or [..., K]) with M <= GEMV_MAX_ROWS rows.
+    4-bit: qweight [N, K / 2] uint8, scales / zeros [N, K / group_size] (as reference.w4a16_matmul);
+    8-bit: qweight [N, K] int8 or float8_e4m3fn, scales [N] float32 (as reference.w8a16_matmul).
+    -> [M, N] in x's dtype."""
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    x2 = x.reshape(-1, K)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > GEMV_MAX_ROWS:
+        raise ValueError(f"wo_gemv: {M} rows > GEMV_MAX_ROWS={GEMV_MAX_ROWS}; use the matmul kernels")
+    if qweight.dtype == torch.uint8:
+        bits = 4
+        if group_size < 32 or group_size & (group_size - 1) or K % group_size:
+            raise ValueError(f"wo_gemv: group_size={group_size} must be a power of two >= 32 dividing K={K}")
+        if qweight.shape != (N, K // 2) or scales.shape != (N, K // group_size):
+            raise ValueError(f"wo_gemv: 4-bit qweight {tuple(qweight.shape)} / scales {tuple(scales.shape)}: "
+                             f"expected [N, {K // 2}] / [N, {K // group_size}]")
+        if zeros is not None and (zeros.shape != scales.shape or zeros.dtype != torch.uint8):
+            raise ValueError(f"wo_gemv: zeros {tuple(zeros.shape)} {zeros.dtype}: expected {tuple(scales.shape)} "
+                             "uint8")
+    elif qweight.dtype in (torch.int8, torch.float8_e4m3fn):
+        bits = 8
+        if qweight.shape != (N, K) or scales.shape != (N,) or scales.dtype != torch.float32:
+            raise ValueError(f"wo_gemv: 8-bit qweight {tuple(qweight.shape)} / scales {tuple(scales.shape)} "
+                             f"{scales.dtype}: expected [N, {K}] / [N] float32")
+    else:
+        raise ValueError(f"wo_gemv: qweight dtype {qweight.dtype}: expected uint8 (4-bit), int8 or float8_e4m3fn")
+    w = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    w_fp8 = w.dtype == torch.float8_e4m3fn
+    if w_fp8:
+        w = w.view(torch.int8)
+    sc = scales if scales.stride(-1) == 1 else scales.contiguous()
+    zr = None if zeros is None else (zeros if zeros.stride(-1) == 1 else zeros.contiguous())
+    cfg = config or choose_gemv_config(M, N, K, bits, group_size or 128)
+    if bits == 4 and group_size % cfg.block_k:
+        raise ValueError(f"wo_gemv: block_k={cfg.block_k} must divide group_size={group_size}")
+    out = split_k_output(M, N, cfg.split_k, x2)
+    if M > 0 and N > 0:
+        grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+        _wo_gemv_kernel[grid](
+            x2, w, sc, zr if zr is not None else w, bias if bias is not None else sc, out, M, N, K,
+            x2.stride(0), w.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0, out.stride(0),
+            BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
+            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=max(1, triton.next_power_of_2(M)),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.to(x2.dtype).view(*x.shape[:-1], N)
