@@ -1,8 +1,8 @@
 """GPU sweep of the weight-only decode GEMV (kernels/wo_gemv.py) against the tensor-core matmul kernels on the
-Llama-3.1-8B linears at 1..4 rows: weight bandwidth as a share of the copy bandwidth measured in the same run,
+Llama-3.1-8B linears at one row: weight bandwidth as a share of the copy bandwidth measured in the same run,
 timed as CUDA graphs of 20 launches. Run on the device machine:
 
-    python benchmarks/wo_gemv_sweep_gpu.py [--kinds int4,fp8,int8] [--tokens 1,4]
+    python benchmarks/wo_gemv_sweep_gpu.py [--kinds int4,fp8,int8] 
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def gemv(kind: str, x: torch.Tensor, weights, cfg: GemvConfig | None) -> torch.T
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kinds", default="int4,fp8,int8")
-    ap.add_argument("--tokens", default="1,4")
+    ap.add_argument("--tokens", default="1")
     ap.add_argument("--top", type=int, default=6, help="configs of the first token count retried at the others")
     args = ap.parse_args()
     bw = copy_bandwidth_bytes_per_s()
@@ -37,9 +37,10 @@ def main() -> int:
           "best (block_n, block_k, split, warps, stages)")
     tokens = [int(t) for t in args.tokens.split(",") if t]
     for kind in args.kinds.split(","):
-        block_ks = (64, 128) if kind == "int4" else (256, 512)
+        block_ks = (64, 128) if kind == "int4" else (128, 256, 512)
+        block_ns = (16, 32, 64, 128) if kind == "int4" else (8, 16, 32)
         grid = [GemvConfig(bn, bk, sp, w, st) for bn, bk, sp, (w, st) in
-                itertools.product((16, 32, 64), block_ks, (1, 2, 4), ((4, 3), (4, 4), (8, 4)))]
+                itertools.product(block_ns, block_ks, (1, 2, 4, 8), ((4, 3), (4, 4), (8, 3)))]
         for name, (n, k) in SHAPES.items():
             weights, nbytes = make_weights(kind, n, k)
             wd = dequantized(kind, weights)

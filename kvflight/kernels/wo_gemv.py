@@ -1,16 +1,15 @@
-"""Triton weight-only GEMV for decode-sized calls (a few rows): y = x W^T with W in 4-bit groups or 8-bit channels.
+"""Triton weight-only GEMV for one activation row (batch-1 decode): y = x W^T, W in 4-bit groups or 8-bit channels.
 
 The tensor-core kernels (w4a16_matmul / w8a16_matmul) pad a 1-row call to 16 rows and unpack every code into a dot
 operand; at batch 1 that leaves the 4-bit kernel at a third of the copy bandwidth. Here a program owns BLOCK_N output
 channels and a stretch of K, streams its [BLOCK_N, BLOCK_K] weight tiles once and multiplies them with the (tiny,
-cached) activation rows on the CUDA cores: every byte of weight is read once, and the per-element work is an unpack, a
-convert and a fused multiply-add.
+cached) activation row on the CUDA cores into a [BLOCK_N, BLOCK_K] float32 accumulator that is summed over K once, after
+the loop: per weight an unpack, a convert and a few multiply-adds, no reduction inside the loop.
 
 4-bit (reference.w4a16_matmul layout: byte j of a row = code of column 2j in the low nibble, 2j + 1 in the high one):
-the activation tile is split into its even and odd columns instead of interleaving nibbles; the zero point leaves the
-inner product, since sum_k (q_k - z) x_k = sum_k q_k x_k - z sum_k x_k, and the group's scale multiplies the tile's
-partial sum (a tile never straddles a group). 8-bit (int8, or float8 e4m3 bytes): the per-channel scale multiplies the
-final sum. With SPLIT_K > 1 the K stretches add into a zero-filled float32 output (w8a16_matmul.split_k_output).
+the activation tile is split into its even and odd columns instead of interleaving nibbles; each tile lies inside one
+group, so one zero point and one scale per channel apply to it. 8-bit (int8, or float8 e4m3 bytes): the per-channel
+scale multiplies the final sum. With SPLIT_K > 1 the K stretches add into a zero-filled float32 output (w8a16_matmul.split_k_output).
 """
 
 from __future__ import annotations
@@ -23,67 +22,60 @@ import triton.language as tl
 
 from kvflight.kernels.w8a16_matmul import split_k_output
 
-GEMV_MAX_ROWS = 4  # above this the tensor-core kernels (or dequantize + cuBLAS) take the call
+GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or dequantize + cuBLAS)
 
 
 @triton.jit
 def _wo_gemv_kernel(
-    x_ptr,  # [M, K] activations
+    x_ptr,  # [K] activations (one row)
     w_ptr,  # 4-bit: [N, K / 2] uint8 codes; 8-bit: [N, K] int8 (or float8 e4m3 bytes)
     scales_ptr,  # 4-bit: [N, K / GROUP_SIZE]; 8-bit: [N] float32
     zeros_ptr,  # 4-bit with HAS_ZEROS: [N, K / GROUP_SIZE] uint8 codes (else zero point 8); unused for 8-bit
     bias_ptr,  # [N] (unused unless HAS_BIAS)
-    out_ptr,  # [M, N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
-    M,
+    out_ptr,  # [N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
     N,
     K,
-    stride_xm,
     stride_wn,
     stride_sn,
     stride_zn,
-    stride_om,
     BITS: tl.constexpr,  # 4 or 8
     W_FP8: tl.constexpr,  # 8-bit codes are float8 e4m3
     GROUP_SIZE: tl.constexpr,  # 4-bit group (BLOCK_K divides it); unused for 8-bit
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # >= M, a power of two
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)  # [BM] activation rows
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN] output channels
-    m_mask = rm < M
     n_mask = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if BITS == 4:
         HALF_K: tl.constexpr = BLOCK_K // 2
         rj = tl.arange(0, HALF_K)  # [BK / 2] byte index inside the tile
+        acc = tl.zeros((BLOCK_N, HALF_K), dtype=tl.float32)  # per-lane partial sums, reduced once at the end
         for k0 in range(k_start, k_end, BLOCK_K):
             jj = k0 // 2 + rj  # [BK / 2] byte columns (K is a multiple of the group, so a tile is whole)
             packed = tl.load(w_ptr + rn[:, None] * stride_wn + jj[None, :], mask=n_mask[:, None], other=0)
-            low = (packed & 0x0F).to(tl.float32)  # [BN, BK / 2] codes of the even columns
-            high = (packed >> 4).to(tl.float32)  # odd columns
-            x_rows = x_ptr + rm[:, None] * stride_xm
-            x_even = tl.load(x_rows + 2 * jj[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-            x_odd = tl.load(x_rows + 2 * jj[None, :] + 1, mask=m_mask[:, None], other=0.0).to(tl.float32)
-            part = tl.sum(low[None, :, :] * x_even[:, None, :] + high[None, :, :] * x_odd[:, None, :], axis=2)
+            x_even = tl.load(x_ptr + 2 * jj).to(tl.float32)  # [BK / 2] columns 2j
+            x_odd = tl.load(x_ptr + 2 * jj + 1).to(tl.float32)  # columns 2j + 1
             group = k0 // GROUP_SIZE
             scale = tl.load(scales_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             if HAS_ZEROS:
                 zero = tl.load(zeros_ptr + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)
             else:
                 zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-            x_sum = tl.sum(x_even + x_odd, axis=1)  # [BM]
-            acc += (part - zero[None, :] * x_sum[:, None]) * scale[None, :]
+            low = (packed & 0x0F).to(tl.float32) - zero[:, None]  # [BN, BK / 2] even columns' weights / scale
+            high = (packed >> 4).to(tl.float32) - zero[:, None]  # odd columns
+            acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
+        total = tl.sum(acc, axis=1)  # [BN]
     else:
         rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             kk = k0 + rk  # [BK]
             k_mask = kk < K
@@ -91,21 +83,17 @@ def _wo_gemv_kernel(
                         other=0)  # [BN, BK] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
             if W_FP8:
                 w = w.to(tl.float8e4nv, bitcast=True)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)  # [BM, BK]
-            acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+            x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
+            acc += w.to(tl.float32) * x[None, :]
         scale = tl.load(scales_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
-        acc = acc * scale[None, :]
+        total = tl.sum(acc, axis=1) * scale
     if HAS_BIAS:
         if pid_k == 0:
-            bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
+            total += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + rn, total.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        tl.atomic_add(out_ptr + rn, total, mask=n_mask)
 
 
 class GemvConfig(NamedTuple):
@@ -168,9 +156,9 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     if M > 0 and N > 0:
         grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
         _wo_gemv_kernel[grid](
-            x2, w, sc, zr if zr is not None else w, bias if bias is not None else sc, out, M, N, K,
-            x2.stride(0), w.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0, out.stride(0),
+            x2, w, sc, zr if zr is not None else w, bias if bias is not None else sc, out, N, K,
+            w.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0,
             BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
-            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=max(1, triton.next_power_of_2(M)),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x2.dtype).view(*x.shape[:-1], N)

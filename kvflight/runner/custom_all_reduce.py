@@ -49,7 +49,7 @@ def spins_for_timeout(timeout_s: float) -> int:
 
 # ---- CUDA runtime calls torch does not expose (IPC handles) ------------------------------------------------------
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # not c_char: its value stops at the first zero byte
 
 
 class _CudaRuntime:

@@ -178,7 +178,7 @@ def test_fp8_weights_in_w8a16_and_dequant_on_gpu() -> None:
 
 
 # ---- the decode GEMV (a few rows, CUDA cores, weights streamed once) ---------------------------------------------
-@pytest.mark.parametrize("num_tokens", [1, 3, 4])  # BLOCK_M 1, 4 with a masked row, 4
+@pytest.mark.parametrize("num_tokens", [1])
 @pytest.mark.parametrize("group_size,k", [(32, 96), (128, 512)])
 @pytest.mark.parametrize("with_zeros", [True, False])
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -200,7 +200,7 @@ def test_gemv_4bit_matches_reference(num_tokens: int, group_size: int, k: int, w
     torch.testing.assert_close(out.cpu(), ref, **F32)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 2])
+@pytest.mark.parametrize("num_tokens", [1])
 @pytest.mark.parametrize("n,k", [(40, 64), (24, 200)])  # ragged K tail
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_gemv_8bit_matches_reference(num_tokens: int, n: int, k: int, split_k: int, device: str) -> None:
@@ -217,7 +217,7 @@ def test_gemv_refuses_bad_input() -> None:
     from kvflight.kernels.wo_gemv import wo_gemv
 
     with pytest.raises(ValueError, match="GEMV_MAX_ROWS"):
-        wo_gemv(torch.zeros(9, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
+        wo_gemv(torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
     with pytest.raises(ValueError, match="group_size=48"):
         wo_gemv(torch.zeros(1, 96), torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 2), group_size=48)
     with pytest.raises(ValueError, match="qweight dtype torch.float16"):
@@ -225,7 +225,7 @@ def test_gemv_refuses_bad_input() -> None:
 
 
 @gpu
-@pytest.mark.parametrize("num_tokens", [1, 4])
+@pytest.mark.parametrize("num_tokens", [1])
 def test_gemv_llama_shapes_on_gpu(num_tokens: int) -> None:
     from kvflight.kernels.wo_gemv import wo_gemv
     from kvflight.quant import ops
