@@ -11,9 +11,10 @@ Parameters per scheme (N output, K input features of this rank):
                                                               >= 128 rows: dequantize_8bit + cuBLAS
     int4_*    qweight [N, K/2] uint8, scales [N, K/G] float16, qzeros [N, K/G] uint8 (if zero points)
                                                                                  -> w4a16_matmul (Triton on CUDA);
-                                                              >= 17 rows: dequantize_int4 + cuBLAS
+                                                              1 row: wo_gemv; >= 17 rows: dequantize_int4 + cuBLAS
     fp8       weight [N, K] float8_e4m3fn, weight_scale [N] float32               -> torch._scaled_mm (sm >= 8.9);
                                                               <= 16 rows: w8a16_matmul on the fp8 weights
+                                                              (1 row: wo_gemv on them)
     int8_sq   weight [N, K] int8, weight_scale [N] float32                       -> torch._int_mm (CUDA);
                                                               <= 16 rows: w8a16_matmul on the int8 weights
 On CPU every scheme computes the same math in float (dequantize + matmul; W8A8 quantizes activations exactly as
@@ -144,6 +145,10 @@ class Int4WeightOnlyMethod(LinearMethod):
 
                 w = dequantize_int4(layer.qweight, layer.scales, zeros, self.group_size, x.dtype)  # [N, K]
                 return F.linear(x, w, bias)
+            if x.numel() == x.shape[-1]:  # one row (batch-1 decode): the CUDA-core GEMV streams the codes faster
+                from kvflight.kernels.wo_gemv import wo_gemv
+
+                return wo_gemv(x, layer.qweight, layer.scales, zeros, self.group_size, bias)
             from kvflight.kernels.w4a16_matmul import w4a16_matmul
 
             return w4a16_matmul(x, layer.qweight, layer.scales, zeros, self.group_size, bias)
@@ -189,7 +194,12 @@ class _W8A8Method(LinearMethod):
 
     @staticmethod
     def weight_only(layer: "_ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x (qweight * scale)^T through the W8A16 kernel on the 8-bit weights (CUDA)."""
+        """x (qweight * scale)^T through the W8A16 kernel on the 8-bit weights (CUDA); one row of fp8 weights through
+        the CUDA-core GEMV (the fp8 -> float convert is cheaper there than feeding the tensor cores a padded tile)."""
+        if x.numel() == x.shape[-1] and layer.weight.dtype == torch.float8_e4m3fn:
+            from kvflight.kernels.wo_gemv import wo_gemv
+
+            return wo_gemv(x, layer.weight, layer.weight_scale, bias=bias)
         from kvflight.kernels.w8a16_matmul import w8a16_matmul
 
         return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
