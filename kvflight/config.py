@@ -120,8 +120,9 @@ class ParallelConfig:
         1, "GPUs (or, on CPU, gloo processes) to split the model over; one process per rank, rank 0 schedules",
         "--tp")
     use_custom_all_reduce: str = _f(
-        "auto", "all-reduce between tensor-parallel GPUs: auto (custom one-shot/two-shot where `kvflight topo` says "
-        "P2P pays, else NCCL), on, off (always NCCL); no effect on CPU (gloo)", choices=("auto", "on", "off"))
+        "auto", "all-reduce between tensor-parallel GPUs: auto (custom one-shot/two-shot for messages up to 8 MiB "
+        "where `kvflight topo` says P2P pays, NCCL for the rest), on (custom even where topo says no; a failed "
+        "set-up is an error), off (always NCCL); no effect on CPU (gloo)", choices=("auto", "on", "off"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool) or \
