@@ -107,11 +107,18 @@ def setup_all_reduce(strategy: str, rank: int, world_size: int) -> tuple[str, st
     from kvflight.model.layers import set_custom_all_reduce
     from kvflight.runner.custom_all_reduce import create_custom_all_reduce
 
-    car, why = create_custom_all_reduce(rank, world_size, torch.device("cuda", rank))
+    device = torch.device("cuda", rank) if dist_backend() == "nccl" else torch.device("cpu")
+    car, why = create_custom_all_reduce(rank, world_size, device)
     if car is None:
-        return "nccl", why
+        return dist_backend(), why
     set_custom_all_reduce(car)
     return "custom", why
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_initialized() else ""
 
 
 def check_custom_all_reduce() -> None:
@@ -243,9 +250,9 @@ class TPWorkerGroup:
             set_tensor_parallel(0, tp)
             dist.init_process_group(self.backend, init_method=init_method, rank=0, world_size=tp,
                                     timeout=timedelta(seconds=tp_timeout_s()))
-            self.all_reduce_strategy, why = setup_all_reduce(self.all_reduce_strategy, 0, tp)
-            if config.parallel.use_custom_all_reduce == "on" and self.all_reduce_strategy != "custom" \
-                    and self.backend == "nccl":
+            requested = self.all_reduce_strategy
+            self.all_reduce_strategy, why = setup_all_reduce(requested, 0, tp)
+            if config.parallel.use_custom_all_reduce == "on" and requested == "custom" != self.all_reduce_strategy:
                 raise ConfigError(f"use_custom_all_reduce=on, but the custom all-reduce could not be set up ({why}); "
                                   "use auto (falls back to NCCL) or off")
         except BaseException:
@@ -256,6 +263,9 @@ class TPWorkerGroup:
 
     def _choose_all_reduce(self, mode: str) -> str:
         if self.backend == "gloo":
+            if mode == "on" and os.environ.get("TRITON_INTERPRET") == "1":
+                logger.info("use_custom_all_reduce=on on CPU: the kernel runs interpreted over shared memory (tests)")
+                return "custom"
             if mode == "on":
                 logger.info("use_custom_all_reduce=on has no effect on CPU: gloo all-reduce")
             return "gloo"

@@ -59,6 +59,50 @@ def test_dummy_weights_tp2_are_slices_of_tp1(tiny, smollm2_path):
     assert other != ref  # the seed reaches the weights
 
 
+_CUSTOM_ALL_REDUCE_SCRIPT = """
+import json, sys
+from kvflight import LLM, SamplingParams
+from kvflight.model.layers import get_custom_all_reduce
+
+model, tokenizer, prompts, base = json.loads(sys.argv[1])
+params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+out = {}
+for name, extra in (("tp1", {}), ("custom", {"tensor_parallel_size": 2, "use_custom_all_reduce": "on"})):
+    llm = LLM(model, tokenizer=tokenizer, **base, **extra)
+    try:
+        out[name + "_strategy"] = getattr(llm.engine.tp_workers, "all_reduce_strategy", "-")
+        out[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        car = get_custom_all_reduce()
+        out[name + "_calls"] = 0 if car is None else int(car.counters[0].max())
+    finally:
+        llm.engine.shutdown()
+out["closed"] = get_custom_all_reduce() is None
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_tiny_tp2_custom_all_reduce_matches_tp1(tiny, smollm2_path):
+    """use_custom_all_reduce=on on CPU runs the one-shot kernel interpreted over shared memory in both ranks: the
+    set-up on every rank, the layers' routing and the per-step error check, end to end. In a fresh process, since
+    Triton must be imported with TRITON_INTERPRET=1 already set."""
+    import json
+    import subprocess
+    import sys
+
+    args = json.dumps([tiny["llama_mha"], smollm2_path, TINY_PROMPTS[:2], BASE])
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _CUSTOM_ALL_REDUCE_SCRIPT, args], env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["custom_strategy"] == "custom"
+    assert out["custom_calls"] >= 2 * 2 * 4  # 2 per layer, 2 layers, at least one per generated token
+    assert out["custom"] == out["tp1"]
+    assert out["closed"]  # the engine's shutdown closed the shared regions
+
+
 @pytest.mark.slow
 def test_tiny_replicated_kv_heads_tp4_matches_tp1(tiny, smollm2_path):
     """8 query heads, 2 KV heads over 4 ranks: each KV head lives on two ranks."""
