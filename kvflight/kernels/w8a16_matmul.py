@@ -122,8 +122,9 @@ def choose_blocks(M: int, N: int, K: int, device: torch.device, max_block_k: int
 def choose_config(M: int, N: int, K: int, device: torch.device, max_block_k: int = 128,
                   int4: bool = False) -> KernelConfig:
     """The launch for one call. Decode-sized calls (M <= 16) on model-sized weights take the tiles a sweep on an
-    H100 found fastest (benchmarks/wo_matmul_sweep_gpu.py, timed as CUDA graphs): 8-bit weights 80-90% of copy
-    bandwidth on the Llama-8B qkv / gate_up / down linears (the heuristic below: 55-88%)."""
+    H100 found fastest (benchmarks/wo_matmul_sweep_gpu.py, timed as CUDA graphs of one weight, so the qkv and o
+    weights partly sat in L2). Timed with the weights rotated past L2 (benchmarks/wo_gemv_sweep_gpu.py), int8 at one
+    row reads qkv / o / gate_up / down at 66 / 48 / 86 / 74% of copy bandwidth."""
     if M <= 16 and N >= 2048 and K >= 2048:
         if int4:  # unpacking dominates: wide column tiles and an 8-way split keep every SM busy
             block_n, block_k, split = (128, 64, 8) if N >= 16384 else (128, 128, 8)
