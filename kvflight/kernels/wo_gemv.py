@@ -60,26 +60,15 @@ def _wo_gemv_kernel(
         WORDS: tl.constexpr = BLOCK_K // 8
         rw = tl.arange(0, WORDS)  # [BK / 8] 32-bit words inside the tile: word w holds columns 8w .. 8w + 7
         acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # per-lane partial sums, reduced once at the end
-        w_rows = w_ptr + rn[:, None] * stride_wn  # [BN, 1]
-        # the next tile's words, scales and zero points are loaded before this tile is computed (registers as a
-        # two-deep pipeline: the loads of a tile overlap the arithmetic of the one before)
-        live = n_mask & ((rn * 0 + k_start) < k_end)  # [BN] (a tensor compare: the interpreter's masks)
-        words = tl.load(w_rows + (k_start // 8 + rw)[None, :], mask=live[:, None], other=0)  # [BN, BK / 8]
-        scale = tl.load(scales_ptr + rn * stride_sn + k_start // GROUP_SIZE, mask=live, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + rn * stride_zn + k_start // GROUP_SIZE, mask=live, other=0).to(tl.float32)
-        else:
-            zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
-            k1 = k0 + BLOCK_K
-            more = n_mask & ((rn * 0 + k1) < k_end)
-            words_next = tl.load(w_rows + (k1 // 8 + rw)[None, :], mask=more[:, None], other=0)
-            scale_next = tl.load(scales_ptr + rn * stride_sn + k1 // GROUP_SIZE, mask=more, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero_next = tl.load(zeros_ptr + rn * stride_zn + k1 // GROUP_SIZE, mask=more, other=0).to(tl.float32)
-            else:
-                zero_next = zero
             ww = k0 // 8 + rw  # [BK / 8] word columns (K is a multiple of the group, so a tile is whole)
+            words = tl.load(w_ptr + rn[:, None] * stride_wn + ww[None, :], mask=n_mask[:, None], other=0)
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)
+            else:
+                zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
             offset = zero + 8388608.0  # [BN] 2^23 + zero point
             part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             for i in tl.static_range(8):
@@ -89,26 +78,19 @@ def _wo_gemv_kernel(
                 bits = ((words >> (4 * i)) & 0x0F) | 0x4B000000
                 part += (bits.to(tl.float32, bitcast=True) - offset[:, None]) * x_i[None, :]
             acc += part * scale[:, None]
-            words, scale, zero = words_next, scale_next, zero_next
         total = tl.sum(acc, axis=1)  # [BN]
     else:
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        w_rows = w_ptr + rn[:, None] * stride_wn  # [BN, 1]
-        kk = k_start + rk
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & (kk < k_end)[None, :], other=0)  # [BN, BK] 8-bit
         for k0 in range(k_start, k_end, BLOCK_K):
-            kn = k0 + BLOCK_K + rk  # the next tile, loaded before this one is computed
-            w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_end)[None, :], other=0)
             kk = k0 + rk  # [BK]
             k_mask = kk < K
-            if W_FP8:  # fp8 codes travel as their bytes: a masked 0 byte is +0.0
-                wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            else:
-                wf = w.to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                        other=0)  # [BN, BK] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
+            if W_FP8:
+                w = w.to(tl.float8e4nv, bitcast=True)
             x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
-            acc += wf * x[None, :]
-            w = w_next
+            acc += w.to(tl.float32) * x[None, :]
         scale = tl.load(scales_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
         total = tl.sum(acc, axis=1) * scale
     if HAS_BIAS:
