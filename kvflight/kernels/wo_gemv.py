@@ -48,9 +48,13 @@ def _wo_gemv_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    HALF: tl.constexpr = False,  # 4-bit with 16-bit activations: sum each word's 8 products in the activation dtype
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    HALF_MATH: tl.constexpr = HALF and (x_ptr.dtype.element_ty == tl.bfloat16 or x_ptr.dtype.element_ty == tl.float16)
+    MAGIC_BITS: tl.constexpr = 0x4300 if x_ptr.dtype.element_ty == tl.bfloat16 else 0x6400
+    MAGIC_VALUE: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN] output channels
     n_mask = rn < N
     k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
@@ -69,14 +73,25 @@ def _wo_gemv_kernel(
                 zero = tl.load(zeros_ptr + rn * stride_zn + group, mask=n_mask, other=0).to(tl.float32)
             else:
                 zero = tl.full((BLOCK_N,), 8.0, dtype=tl.float32)
-            offset = zero + 8388608.0  # [BN] 2^23 + zero point
-            part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            for i in tl.static_range(8):
-                x_i = tl.load(x_ptr + 8 * ww + i).to(tl.float32)  # [BK / 8] columns 8w + i
-                # code -> float without an int-to-float convert (quarter rate): the code in the low mantissa bits
-                # of 2^23 is exactly 2^23 + code; subtracting 2^23 + zero leaves code - zero exactly
-                bits = ((words >> (4 * i)) & 0x0F) | 0x4B000000
-                part += (bits.to(tl.float32, bitcast=True) - offset[:, None]) * x_i[None, :]
+            if HALF_MATH:  # 16-bit activations: codes -> 16-bit floats (exact), packed x2 arithmetic
+                # the code in the low mantissa bits of MAGIC (bf16 128.0 / fp16 1024.0, unit last place) is exactly
+                # MAGIC + code; subtracting MAGIC + zero leaves code - zero exactly
+                offset_h = (zero + MAGIC_VALUE).to(x_ptr.dtype.element_ty)  # [BN]
+                part_h = tl.zeros((BLOCK_N, WORDS), dtype=x_ptr.dtype.element_ty)
+                for i in tl.static_range(8):
+                    x_i = tl.load(x_ptr + 8 * ww + i)  # [BK / 8] columns 8w + i, 16-bit
+                    bits = (((words >> (4 * i)) & 0x0F) | MAGIC_BITS).to(tl.int16)
+                    part_h += (bits.to(x_ptr.dtype.element_ty, bitcast=True) - offset_h[:, None]) * x_i[None, :]
+                part = part_h.to(tl.float32)
+            else:
+                offset = zero + 8388608.0  # [BN] 2^23 + zero point
+                part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    x_i = tl.load(x_ptr + 8 * ww + i).to(tl.float32)  # [BK / 8] columns 8w + i
+                    # code -> float without an int-to-float convert (quarter rate): the code in the low mantissa
+                    # bits of 2^23 is exactly 2^23 + code; subtracting 2^23 + zero leaves code - zero exactly
+                    bits = ((words >> (4 * i)) & 0x0F) | 0x4B000000
+                    part += (bits.to(tl.float32, bitcast=True) - offset[:, None]) * x_i[None, :]
             acc += part * scale[:, None]
         total = tl.sum(acc, axis=1)  # [BN]
     else:
@@ -173,5 +188,6 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             w.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0,
             BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            HALF=bits == 4 and x2.dtype in (torch.bfloat16, torch.float16),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x2.dtype).view(*x.shape[:-1], N)
