@@ -236,7 +236,10 @@ def test_gemv_llama_shapes_on_gpu(num_tokens: int) -> None:
         q4, scales, zeros = _w4(n, k, 128, g)
         out = wo_gemv(x, q4.cuda(), scales.cuda(), zeros.cuda(), 128)
         ref = reference.w4a16_matmul(x.float(), q4.cuda(), scales.cuda(), zeros.cuda(), 128)
-        torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=2e-2)
+        # bf16 activations: each word's 8 products are summed in bf16 (packed arithmetic), so the error is a few
+        # bf16 roundings of the partial sums: about 0.4% of the output's norm, against 0.2% for rounding the output
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, f"[{n}, {k}] int4: relative error {rel:.4f}"
         q8, scale = _w8(n, k, g)
         out = wo_gemv(x, q8.cuda(), scale.cuda())
         torch.testing.assert_close(out.float(), reference.w8a16_matmul(x.float(), q8.cuda(), scale.cuda()),
