@@ -9,12 +9,17 @@ the loop: per weight an unpack, a convert and a few multiply-adds, no reduction 
 4-bit (reference.w4a16_matmul layout: byte j of a row = code of column 2j in the low nibble, 2j + 1 in the high one):
 the rows are read as little-endian 32-bit words, nibble i of word w being column 8w + i; a code becomes a float by
 or-ing it into the mantissa of 2^23 (int-to-float converts run at a quarter of the FMA rate and were the bottleneck);
-each tile lies inside one group, so one zero point and one scale per channel apply to it. 8-bit (int8, or float8 e4m3 bytes): the per-channel
+each tile lies inside one group, so one zero point and one scale per channel apply to it. With bf16 / fp16
+activations the codes become 16-bit floats the same way (128.0 / 1024.0 as the base) and each word's 8 products are
+summed in that dtype with packed x2 arithmetic (on a GPU, two codes per 32-bit mask: nibbles j and j + 4 land in the
+two halves of one register); a word's sum then joins the float32 accumulator. This costs about 0.4% of the output's
+norm in error against 0.2% for rounding the output to bf16 (GPU test), and makes the 8B int4 decode ~5% faster. 8-bit (int8, or float8 e4m3 bytes): the per-channel
 scale multiplies the final sum. With SPLIT_K > 1 the K stretches add into a zero-filled float32 output (w8a16_matmul.split_k_output).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -49,6 +54,7 @@ def _wo_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HALF: tl.constexpr = False,  # 4-bit with 16-bit activations: sum each word's 8 products in the activation dtype
+    PAIRS: tl.constexpr = False,  # HALF on a GPU: unpack two codes per 32-bit operation (PTX; not interpretable)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -78,10 +84,21 @@ def _wo_gemv_kernel(
                 # MAGIC + code; subtracting MAGIC + zero leaves code - zero exactly
                 offset_h = (zero + MAGIC_VALUE).to(x_ptr.dtype.element_ty)  # [BN]
                 part_h = tl.zeros((BLOCK_N, WORDS), dtype=x_ptr.dtype.element_ty)
-                for i in tl.static_range(8):
-                    x_i = tl.load(x_ptr + 8 * ww + i)  # [BK / 8] columns 8w + i, 16-bit
-                    bits = (((words >> (4 * i)) & 0x0F) | MAGIC_BITS).to(tl.int16)
-                    part_h += (bits.to(x_ptr.dtype.element_ty, bitcast=True) - offset_h[:, None]) * x_i[None, :]
+                if PAIRS:  # two codes per 32-bit operation: nibbles j and j + 4 land in the two 16-bit halves
+                    for j in tl.static_range(4):
+                        pair = ((words >> (4 * j)) & 0x000F000F) | (MAGIC_BITS * 65537)
+                        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair],
+                                                           dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
+                                                           is_pure=True, pack=1)
+                        x_lo = tl.load(x_ptr + 8 * ww + j)  # [BK / 8] columns 8w + j
+                        x_hi = tl.load(x_ptr + 8 * ww + j + 4)  # columns 8w + j + 4
+                        part_h += (lo - offset_h[:, None]) * x_lo[None, :]
+                        part_h += (hi - offset_h[:, None]) * x_hi[None, :]
+                else:
+                    for i in tl.static_range(8):
+                        x_i = tl.load(x_ptr + 8 * ww + i)  # [BK / 8] columns 8w + i, 16-bit
+                        bits = (((words >> (4 * i)) & 0x0F) | MAGIC_BITS).to(tl.int16)
+                        part_h += (bits.to(x_ptr.dtype.element_ty, bitcast=True) - offset_h[:, None]) * x_i[None, :]
                 part = part_h.to(tl.float32)
             else:
                 offset = zero + 8388608.0  # [BN] 2^23 + zero point
@@ -189,5 +206,6 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HALF=bits == 4 and x2.dtype in (torch.bfloat16, torch.float16),
+            PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x2.dtype).view(*x.shape[:-1], N)
