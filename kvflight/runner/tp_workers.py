@@ -271,9 +271,9 @@ class TPWorkerGroup:
             return "gloo"
         if mode == "off":
             return "nccl"
-        from kvflight.tune.topo import custom_allreduce_pays
+        from kvflight.tune.topo import custom_allreduce_pays, physical_gpu_ids
 
-        pays, reason = custom_allreduce_pays(list(range(self.world_size)))
+        pays, reason = custom_allreduce_pays(physical_gpu_ids(self.world_size))
         if mode == "on" or pays:
             logger.info("custom all-reduce for small messages (%s; %s): NCCL for the rest",
                         "use_custom_all_reduce=on" if mode == "on" else "auto", reason)

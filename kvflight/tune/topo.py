@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -175,6 +176,17 @@ def _components(topo: GpuTopology, joined: object) -> list[tuple[int, ...]]:
 
 def advise(topo: GpuTopology) -> list[GroupVerdict]:
     return [group_verdict(topo, ids, name) for name, ids in gpu_groups(topo)]
+
+
+def physical_gpu_ids(num_ranks: int, visible: str | None = None) -> list[int]:
+    """The topology's GPU indices of CUDA devices 0..num_ranks-1: CUDA_VISIBLE_DEVICES (or `visible`) renumbers them
+    (e.g. "4,5" puts rank 0 on GPU4). UUIDs / MIG names cannot be mapped without the driver: logical ids then."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible:
+        parts = [p.strip() for p in visible.split(",") if p.strip()]
+        if all(p.isdigit() for p in parts) and len(parts) >= num_ranks:
+            return [int(p) for p in parts[:num_ranks]]
+    return list(range(num_ranks))
 
 
 def custom_allreduce_pays(gpu_ids: Sequence[int], topology: GpuTopology | None = None) -> tuple[bool, str]:

@@ -176,3 +176,12 @@ def test_topology_from_dataclass_directly():
     assert "NVLink island of GPU0" in names and "PCIe domain of GPU0" not in names  # same set as all GPUs
     v = group_verdict(topo, [0, 1, 2])
     assert v.pays and "NODE" in v.reason
+
+
+def test_physical_gpu_ids_follow_cuda_visible_devices():
+    from kvflight.tune.topo import physical_gpu_ids
+
+    assert physical_gpu_ids(2, "4,5,6") == [4, 5]  # rank r runs on cuda:r = the r-th visible GPU
+    assert physical_gpu_ids(2, "") == [0, 1]
+    assert physical_gpu_ids(2, "GPU-8a1b,GPU-77cd") == [0, 1]  # UUIDs: not mappable without the driver
+    assert physical_gpu_ids(3, "1,2") == [0, 1, 2]  # fewer visible than ranks: the engine refuses it elsewhere
