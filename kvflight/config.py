@@ -148,9 +148,6 @@ class RuntimeConfig:
     async_scheduling: str = _f(
         "auto", "schedule and launch step N+1 while the GPU runs step N (its sampled tokens stay on the device): "
         "auto (on for CUDA at tensor_parallel_size 1), on, off", choices=("auto", "on", "off"))
-    late_launch: bool = _f(
-        True, "with async scheduling, the server waits (reading new requests) until the running step is predicted "
-        "to end before launching the next, so requests arriving meanwhile join it instead of waiting a whole step")
 
     def __post_init__(self) -> None:
         if self.cuda_graph_max_batch_size is not None and self.cuda_graph_max_batch_size < 1:

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 from kvflight.cache.kv_manager import KVCacheManager
 from kvflight.config import ConfigError, EngineConfig
-from kvflight.engine.step_clock import StepClock
 from kvflight.model.loader import ResolvedModel, load_arch, load_tokenizer, resolve_model
 from kvflight.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
 from kvflight.runner.tp_workers import TensorParallelError, TPWorkerGroup, check_custom_all_reduce
@@ -32,16 +31,12 @@ def _rss_bytes() -> int:
         return 0
 
 
-LAUNCH_MARGIN_S = 0.0005  # launch this much before the predicted end, beyond the host's measured launch cost
-
-
 class _Inflight(NamedTuple):
     """A launched step whose tokens are not applied yet."""
 
     out: SchedulerOutput
     launched: LaunchedStep
     needs_sync: bool  # a request in it reads its past tokens when sampling: complete it before scheduling the next
-    launched_at_s: float = 0.0  # time.perf_counter() when it was enqueued
 
 
 class Engine:
@@ -99,7 +94,6 @@ class Engine:
         self.iteration = 0
         self.async_scheduling = self._resolve_async_scheduling()
         self._inflight: _Inflight | None = None  # the launched step not yet completed (asynchronous scheduling)
-        self.step_clock = StepClock()  # predicted end of the in-flight step (the server's late launch)
         logger.info("engine ready in %.1f s: %s, %s on %s, max_seq_len=%d, max_input_len=%d, max_batch_size=%d, "
                     "max_num_tokens=%d, policy=%s", time.perf_counter() - t0, self.resolved.name,
                     str(self.runner.dtype).removeprefix("torch."), self.runner.device, self.max_seq_len,
@@ -209,43 +203,17 @@ class Engine:
         outputs: list[StepOutput] = []
         prev, self._inflight = self._inflight, None
         if prev is not None and prev.needs_sync:
-            outputs = self._complete(prev.out, self._resolve(prev))
+            outputs = self._complete(prev.out, self.runner.resolve(prev.launched))
             prev = None
-        t_schedule = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.is_empty:
             launched = self.runner.launch(out)
-            now = time.perf_counter()
-            self.step_clock.note_launch_cost(now - t_schedule)
-            self._inflight = _Inflight(out, launched, any(r.needs_token_history for r in launched.rows), now)
+            self._inflight = _Inflight(out, launched, any(r.needs_token_history for r in launched.rows))
         if prev is not None:
-            outputs += self._complete(prev.out, self._resolve(prev))
+            outputs += self._complete(prev.out, self.runner.resolve(prev.launched))
         if not out.is_empty:
             self._log_stats(t0)
         return outputs
-
-    def _resolve(self, step: _Inflight) -> RunnerOutput:
-        """Wait for an in-flight step's tokens; teach the step clock its device time when the host saw it end."""
-        ready = step.launched.ready
-        waited = ready is not None and not ready.query()
-        result = self.runner.resolve(step.launched)
-        now = time.perf_counter()
-        if waited:
-            self.step_clock.observe_end(step.launched_at_s, step.out.num_context_tokens, now)
-        else:
-            self.step_clock.note_unseen_end(now)
-        return result
-
-    def launch_wait_s(self) -> float:
-        """How long the caller may still read new requests before calling step() without leaving the device idle:
-        the in-flight step's predicted remaining time less the host's launch cost (0 when unknown or not async)."""
-        step = self._inflight
-        if step is None or step.needs_sync:
-            return 0.0
-        remaining = self.step_clock.remaining_s(step.launched_at_s, step.out.num_context_tokens)
-        if remaining is None:
-            return 0.0
-        return max(0.0, remaining - self.step_clock.launch_cost_s - LAUNCH_MARGIN_S)
 
     def _complete(self, out: SchedulerOutput, result: RunnerOutput) -> list[StepOutput]:
         """Apply a step's sampled tokens to the scheduler; the StepOutputs of the requests that got one."""

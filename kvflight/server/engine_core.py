@@ -188,11 +188,9 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
     pending: dict[str, Request] = {}  # engine id -> request not scheduled yet (for queue time)
     last_stats_s = 0.0
     last_parent_check_s = time.monotonic()
-    late_launch = engine.async_scheduling and engine.config.runtime.late_launch
     while True:
         busy = engine.has_unfinished_requests()
-        timeout_ms = IDLE_POLL_MS if not busy else (engine.launch_wait_s() * 1e3 if late_launch else 0)
-        events = dict(poller.poll(timeout_ms))
+        events = dict(poller.poll(0 if busy else IDLE_POLL_MS))
         rejected: dict[str, str] = {}
         if events.get(pull):
             while True:
@@ -223,8 +221,6 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
             if os.getppid() != parent_pid:
                 logger.error("the API process is gone; the engine core exits")
                 return
-        if late_launch and not rejected and engine.launch_wait_s() > 0:
-            continue  # the running step is far from its end: keep reading requests so they join the next one
         outputs: list[StepOutput] = []
         if engine.has_unfinished_requests():
             outputs = engine.step()
