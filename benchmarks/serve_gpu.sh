@@ -14,6 +14,9 @@ MODEL=${MODEL:-llama-3.1-8b}
 VOCAB=${VOCAB:-128256}
 FLAGS="--load-format dummy --max-seq-len 4096 ${EXTRA:-}"  # EXTRA: more engine flags
 DATA="--vocab-size $VOCAB --input-mean 1024 --input-stdev 0 --output-mean 128 --output-stdev 0 --ignore-eos"
+# dummy weights may settle on a special token: keep special tokens in the text so such a request still streams
+# (skipped, its 128 tokens would arrive as empty deltas and the client would count it as an "empty output" failure)
+SHOW_SPECIAL='{"skip_special_tokens": false}'
 cli() { python3 -m kvflight.server.cli "$@"; }
 python3 -m kvflight.server.cli serve $MODEL $FLAGS --port $PORT > /tmp/serve.log 2>&1 &  # not via cli(): $! must be python
 SERVER=$!
@@ -27,11 +30,11 @@ for _ in range(600):
 PY
 echo "== kvflight serve, 16 req/s, $N16 x 1024/128 =="
 cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $N16 \
-  --request-rate 16 --disable-progress --warm-up 8 --seed 1
+  --request-rate 16 --disable-progress --warm-up 8 --seed 1 --extra-body "$SHOW_SPECIAL"
 [ "$NSAT" = 0 ] && { kill -TERM $SERVER; wait $SERVER; exit 0; }
 echo "== kvflight serve, saturated, $NSAT x 1024/128 =="
 cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $NSAT \
-  --request-rate inf --disable-progress --warm-up 8 --seed 2
+  --request-rate inf --disable-progress --warm-up 8 --seed 2 --extra-body "$SHOW_SPECIAL"
 kill -TERM $SERVER; wait $SERVER; echo "server exit $?"
 echo "== in-process engine, saturated, $NSAT x 1024/128 =="
 cli bench serve --backend engine --model $MODEL $FLAGS $DATA --num-requests $NSAT --request-rate inf \
