@@ -185,7 +185,7 @@ class CustomAllReduce:
             self._error = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         else:
             self._error = torch.zeros(1, dtype=torch.int32)
-        table = [b for b in bases] + [b + flags_offset for b in bases] + [self._error.data_ptr()]
+        table = bases + [b + flags_offset for b in bases] + [self._error.data_ptr()]
         self.ptr_table = torch.tensor(table, dtype=torch.int64, device=self.device)  # [2W + 1]
         self.counters = torch.zeros(2, NUM_PROGRAMS, dtype=torch.int32, device=self.device)  # calls, barriers
 
