@@ -14,7 +14,9 @@ activations the codes become 16-bit floats the same way (128.0 / 1024.0 as the b
 summed in that dtype with packed x2 arithmetic (on a GPU, two codes per 32-bit mask: nibbles j and j + 4 land in the
 two halves of one register); a word's sum then joins the float32 accumulator. This costs about 0.4% of the output's
 norm in error against 0.2% for rounding the output to bf16 (GPU test), and makes the 8B int4 decode ~5% faster. 8-bit (int8, or float8 e4m3 bytes): the per-channel
-scale multiplies the final sum. With SPLIT_K > 1 the K stretches add into a zero-filled float32 output (w8a16_matmul.split_k_output).
+scale multiplies the final sum. With SPLIT_K > 1 each K stretch stores its partial sums and the last one to finish a
+column block adds them and writes the output (a per-block arrival counter, kept zero between calls): one launch per
+call, where a zero-filled float32 output added into with atomics needs a fill kernel before and a cast kernel after.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflight.kernels.w8a16_matmul import split_k_output
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}  # (device, blocks) -> zeroed arrival counters, reused by calls
+
+
+def _arrival_counters(device: torch.device, num_blocks: int) -> torch.Tensor:
+    """Per-column-block arrival counters: zero at rest (the last split of every block re-arms its counter). Shared by
+    the calls on one device, which run one after the other on its stream."""
+    key = (str(device), num_blocks)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        counters = _COUNTERS[key] = torch.zeros(num_blocks, dtype=torch.int32, device=device)
+    return counters
 
 GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or dequantize + cuBLAS)
 
@@ -39,7 +51,9 @@ def _wo_gemv_kernel(
     scales_ptr,  # 4-bit: [N, K / GROUP_SIZE]; 8-bit: [N] float32
     zeros_ptr,  # 4-bit with HAS_ZEROS: [N, K / GROUP_SIZE] uint8 codes (else zero point 8); unused for 8-bit
     bias_ptr,  # [N] (unused unless HAS_BIAS)
-    out_ptr,  # [N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
+    out_ptr,  # [N] x dtype
+    partial_ptr,  # [SPLIT_K, N] float32 scratch (SPLIT_K > 1)
+    counter_ptr,  # [cdiv(N, BLOCK_N)] int32, zero between calls (SPLIT_K > 1): splits arrived per column block
     N,
     K,
     stride_wn,  # in elements of w_ptr (words for 4-bit)
@@ -125,13 +139,26 @@ def _wo_gemv_kernel(
             acc += w.to(tl.float32) * x[None, :]
         scale = tl.load(scales_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
         total = tl.sum(acc, axis=1) * scale
-    if HAS_BIAS:
-        if pid_k == 0:
-            total += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn, total.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
-        tl.atomic_add(out_ptr + rn, total, mask=n_mask)
+        # each split stores its partial sums; the split that arrives last at this column block adds them up (in
+        # split order: the same result whatever the arrival order) and writes the output, then re-arms the counter
+        # for the next call. One launch: no zero-filled float32 buffer, no cast kernel after it.
+        tl.store(partial_ptr + pid_k * N + rn, total, mask=n_mask)
+        tl.debug_barrier()  # every thread's partial sums are stored before the arrival is counted
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            final = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                final += tl.load(partial_ptr + s * N + rn, mask=n_mask, other=0.0, volatile=True)
+            if HAS_BIAS:
+                final += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rn, final.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 class GemvConfig(NamedTuple):
@@ -197,15 +224,21 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     cfg = config or choose_gemv_config(M, N, K, bits, group_size or 128)
     if bits == 4 and group_size % cfg.block_k:
         raise ValueError(f"wo_gemv: block_k={cfg.block_k} must divide group_size={group_size}")
-    out = split_k_output(M, N, cfg.split_k, x2)
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M > 0 and N > 0:
-        grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+        num_blocks = triton.cdiv(N, cfg.block_n)
+        if cfg.split_k > 1:
+            partial = torch.empty((cfg.split_k, N), dtype=torch.float32, device=x2.device)
+            counters = _arrival_counters(x2.device, num_blocks)
+        else:
+            partial = counters = out  # unused
+        grid = (num_blocks, cfg.split_k)
         _wo_gemv_kernel[grid](
-            x2, w, sc, zr if zr is not None else w, bias if bias is not None else sc, out, N, K,
+            x2, w, sc, zr if zr is not None else w, bias if bias is not None else sc, out, partial, counters, N, K,
             w.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0,
             BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HALF=bits == 4 and x2.dtype in (torch.bfloat16, torch.float16),
             PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.to(x2.dtype).view(*x.shape[:-1], N)
+    return out.view(*x.shape[:-1], N)
