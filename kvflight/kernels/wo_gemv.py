@@ -172,12 +172,14 @@ class GemvConfig(NamedTuple):
 def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128) -> GemvConfig:
     """The launch for one call: the best configs of an H100 sweep on the Llama-8B linears, weights rotated past L2
     (benchmarks/wo_gemv_sweep_gpu.py; % of copy bandwidth, GEMV vs the tensor-core matmul kernel at one row):
-    4-bit qkv 31 vs 23, o 26 vs 18, gate_up 50 vs 30, down 40 vs 25; fp8 qkv 74 vs 46, o 62 vs 44, gate_up 93 vs 86,
-    down 77 vs 70. (int8 gains only on o: it stays on the matmul kernel.)"""
+    4-bit qkv 41 vs 23, o 34 vs 18, gate_up 58 vs 30, down 47 vs 25; fp8 qkv 73 vs 47, o 62 vs 44, gate_up 93 vs 87,
+    down 81 vs 71. (int8 gains only on o: it stays on the matmul kernel.)"""
     if bits == 4:
         block_k = min(group_size, 128)
         return GemvConfig(64, block_k, 8, 4, 3) if N >= 16384 else GemvConfig(128, block_k, 8, 8, 3)
-    return GemvConfig(16, 256, 1, 4, 4) if N >= 16384 else GemvConfig(8, 512, 1, 8, 3)
+    if N >= 16384:
+        return GemvConfig(16, 256, 1, 4, 4)
+    return GemvConfig(32, 512, 2, 8, 3) if K >= 8192 else GemvConfig(8, 512, 1, 8, 3)
 
 
 def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
