@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflight.kernels.w8a16_matmul import KernelConfig, choose_config, split_k_output
+from kvflight.kernels.w8a16_matmul import KernelConfig, choose_config, split_k_buffers, split_k_store
 
 
 @triton.jit
@@ -23,7 +23,9 @@ def _w4a16_matmul_kernel(
     scales_ptr,  # [N, K / GROUP_SIZE] float16 / float32
     zeros_ptr,  # [N, K / GROUP_SIZE] uint8 codes (unused unless HAS_ZEROS; else zero point 8)
     bias_ptr,  # [N] (unused unless HAS_BIAS)
-    out_ptr,  # [M, N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
+    out_ptr,  # [M, N] x dtype
+    partial_ptr,  # [SPLIT_K, M, N] float32 scratch (SPLIT_K > 1)
+    counter_ptr,  # [tiles] int32 arrival counters, zero between calls (SPLIT_K > 1)
     M,
     N,
     K,
@@ -77,12 +79,9 @@ def _w4a16_matmul_kernel(
         if pid_k == 0:
             bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
             acc = acc + bias[None, :]
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    split_k_store(acc, out_ptr, rm[:, None] * stride_om + rn[None, :], m_mask[:, None] & n_mask[None, :],
+                  partial_ptr, rm[:, None] * N + rn[None, :], M * N, counter_ptr, pid_m * tl.num_programs(1) + pid_n,
+                  pid_k, SPLIT_K)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -112,14 +111,15 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if group_size % cfg.block_k:
         raise ValueError(f"w4a16_matmul: block_k={cfg.block_k} must divide group_size={group_size}")
     split = cfg.split_k if split_k is None else split_k
-    out = split_k_output(M, N, split, x2)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    out, partial, counters = split_k_buffers(M, N, split, grid[0] * grid[1], x2)
     if M > 0 and N > 0:
-        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
         _w4a16_matmul_kernel[grid](
-            x2, qw, sc, zr if zr is not None else qw, bias if bias is not None else sc, out, M, N, K,
+            x2, qw, sc, zr if zr is not None else qw, bias if bias is not None else sc, out, partial, counters, M, N,
+            K,
             x2.stride(0), qw.stride(0), sc.stride(0), zr.stride(0) if zr is not None else 0, out.stride(0),
             GROUP_SIZE=group_size, HAS_ZEROS=zr is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
             DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.to(x2.dtype).view(*x.shape[:-1], N)
+    return out.view(*x.shape[:-1], N)

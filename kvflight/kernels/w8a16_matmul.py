@@ -3,7 +3,8 @@ per output channel, dequantized in the inner loop.
 
 A drop-in for reference.w8a16_matmul. Activations float16 / bfloat16 (float32 accepted for tests), float32
 accumulation; the per-channel scale is applied once to the accumulator. For small M (decode) the K loop is split
-over SPLIT_K programs that add into a float32 buffer, so that a 1-token matmul still fills the GPU.
+over SPLIT_K programs whose partial sums the last one to finish a tile adds up (split_k_store), so that a 1-token
+matmul still fills the GPU.
 """
 
 from __future__ import annotations
@@ -17,12 +18,39 @@ import triton.language as tl
 
 
 @triton.jit
+def split_k_store(acc, out_ptr, out_offs, mask, partial_ptr, part_offs, plane, counter_ptr, tile, pid_k,
+                  SPLIT_K: tl.constexpr):
+    """Write a program's float32 result `acc` (any shape; out_offs / part_offs / mask alike) to the output.
+
+    SPLIT_K == 1: cast and store. Else each split stores its partial sums in its plane of the scratch; the split that
+    arrives last at the tile (an arrival counter, acquire-release) adds the planes in split order (the same sum
+    whatever the arrival order), stores the output and re-arms the counter for the next call. One launch, where a
+    zero-filled float32 output added into with atomics needs a fill kernel before and a cast kernel after.
+    """
+    if SPLIT_K == 1:
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial_ptr + pid_k * plane + part_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums are stored before the arrival is counted
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(partial_ptr + s * plane + part_offs, mask=mask, other=0.0, volatile=True)
+            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _w8a16_matmul_kernel(
     x_ptr,  # [M, K] activations
     w_ptr,  # [N, K] int8 or float8e4nv
     scale_ptr,  # [N] float32
     bias_ptr,  # [N] (unused unless HAS_BIAS)
-    out_ptr,  # [M, N]: x dtype, or float32 when SPLIT_K > 1 (zero-filled, added into)
+    out_ptr,  # [M, N] x dtype
+    partial_ptr,  # [SPLIT_K, M, N] float32 scratch (SPLIT_K > 1)
+    counter_ptr,  # [tiles] int32 arrival counters, zero between calls (SPLIT_K > 1)
     M,
     N,
     K,
@@ -64,12 +92,9 @@ def _w8a16_matmul_kernel(
         if pid_k == 0:
             bias = tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
             acc = acc + bias[None, :]
-    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    split_k_store(acc, out_ptr, rm[:, None] * stride_om + rn[None, :], m_mask[:, None] & n_mask[None, :],
+                  partial_ptr, rm[:, None] * N + rn[None, :], M * N, counter_ptr, pid_m * tl.num_programs(1) + pid_n,
+                  pid_k, SPLIT_K)
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,12 +163,22 @@ def choose_config(M: int, N: int, K: int, device: torch.device, max_block_k: int
     return KernelConfig(block_m, block_n, block_k, split, 4 if block_m * block_n <= 64 * 64 else 8, 3)
 
 
-def split_k_output(M: int, N: int, split: int, x: torch.Tensor) -> torch.Tensor:
-    """The [M, N] output of a weight-only kernel launch: x's dtype, or with split_k > 1 a zero-filled float32
-    buffer the splits add into (the caller casts it back with .to(x.dtype), a no-op without a split)."""
-    if split > 1:
-        return torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    return torch.empty((M, N), dtype=x.dtype, device=x.device)
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}  # (device, tiles) -> arrival counters, zero at rest
+
+
+def split_k_buffers(M: int, N: int, split: int, num_tiles: int, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [M, N] x's dtype, partial [split, M, N] float32 scratch, arrival counters [num_tiles] int32) for a
+    split_k_store launch; without a split the scratch and counters are unused placeholders. The counters are shared by
+    the calls on one device (one after the other on its stream): the last split of each tile leaves its counter 0."""
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if split == 1:
+        return out, out, out
+    key = (str(x.device), num_tiles)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        counters = _COUNTERS[key] = torch.zeros(num_tiles, dtype=torch.int32, device=x.device)
+    return out, torch.empty((split, M, N), dtype=torch.float32, device=x.device), counters
 
 
 def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -168,14 +203,14 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     M = x2.shape[0]
     cfg = config or choose_config(M, N, K, x2.device)
     split = cfg.split_k if split_k is None else split_k
-    out = split_k_output(M, N, split, x2)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
+    out, partial, counters = split_k_buffers(M, N, split, grid[0] * grid[1], x2)
     if M > 0 and N > 0:
-        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), split)
         _w8a16_matmul_kernel[grid](
-            x2, w, scale, bias if bias is not None else scale, out, M, N, K,
+            x2, w, scale, bias if bias is not None else scale, out, partial, counters, M, N, K,
             x2.stride(0), w.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, SPLIT_K=split, W_FP8=w_fp8,
             DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out.to(x2.dtype).view(*x.shape[:-1], N)
+    return out.view(*x.shape[:-1], N)

@@ -15,8 +15,7 @@ summed in that dtype with packed x2 arithmetic (on a GPU, two codes per 32-bit m
 two halves of one register); a word's sum then joins the float32 accumulator. This costs about 0.4% of the output's
 norm in error against 0.2% for rounding the output to bf16 (GPU test), and makes the 8B int4 decode ~5% faster. 8-bit (int8, or float8 e4m3 bytes): the per-channel
 scale multiplies the final sum. With SPLIT_K > 1 each K stretch stores its partial sums and the last one to finish a
-column block adds them and writes the output (a per-block arrival counter, kept zero between calls): one launch per
-call, where a zero-filled float32 output added into with atomics needs a fill kernel before and a cast kernel after.
+column block adds them and writes the output (w8a16_matmul.split_k_store): one launch per call.
 """
 
 from __future__ import annotations
@@ -28,17 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}  # (device, blocks) -> zeroed arrival counters, reused by calls
-
-
-def _arrival_counters(device: torch.device, num_blocks: int) -> torch.Tensor:
-    """Per-column-block arrival counters: zero at rest (the last split of every block re-arms its counter). Shared by
-    the calls on one device, which run one after the other on its stream."""
-    key = (str(device), num_blocks)
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        counters = _COUNTERS[key] = torch.zeros(num_blocks, dtype=torch.int32, device=device)
-    return counters
+from kvflight.kernels.w8a16_matmul import split_k_buffers, split_k_store
 
 GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or dequantize + cuBLAS)
 
@@ -139,26 +128,10 @@ def _wo_gemv_kernel(
             acc += w.to(tl.float32) * x[None, :]
         scale = tl.load(scales_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
         total = tl.sum(acc, axis=1) * scale
-    if SPLIT_K == 1:
-        if HAS_BIAS:
+    if HAS_BIAS:
+        if pid_k == 0:
             total += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rn, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        # each split stores its partial sums; the split that arrives last at this column block adds them up (in
-        # split order: the same result whatever the arrival order) and writes the output, then re-arms the counter
-        # for the next call. One launch: no zero-filled float32 buffer, no cast kernel after it.
-        tl.store(partial_ptr + pid_k * N + rn, total, mask=n_mask)
-        tl.debug_barrier()  # every thread's partial sums are stored before the arrival is counted
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            tl.debug_barrier()
-            final = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                final += tl.load(partial_ptr + s * N + rn, mask=n_mask, other=0.0, volatile=True)
-            if HAS_BIAS:
-                final += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rn, final.to(out_ptr.dtype.element_ty), mask=n_mask)
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+    split_k_store(total, out_ptr, rn, n_mask, partial_ptr, rn, N, counter_ptr, pid_n, pid_k, SPLIT_K)
 
 
 class GemvConfig(NamedTuple):
@@ -226,14 +199,9 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     cfg = config or choose_gemv_config(M, N, K, bits, group_size or 128)
     if bits == 4 and group_size % cfg.block_k:
         raise ValueError(f"wo_gemv: block_k={cfg.block_k} must divide group_size={group_size}")
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    num_blocks = triton.cdiv(N, cfg.block_n)
+    out, partial, counters = split_k_buffers(M, N, cfg.split_k, num_blocks, x2)
     if M > 0 and N > 0:
-        num_blocks = triton.cdiv(N, cfg.block_n)
-        if cfg.split_k > 1:
-            partial = torch.empty((cfg.split_k, N), dtype=torch.float32, device=x2.device)
-            counters = _arrival_counters(x2.device, num_blocks)
-        else:
-            partial = counters = out  # unused
         grid = (num_blocks, cfg.split_k)
         _wo_gemv_kernel[grid](
             x2, w, sc, zr if zr is not None else w, bias if bias is not None else sc, out, partial, counters, N, K,
