@@ -201,7 +201,7 @@ def test_gemv_4bit_matches_reference(num_tokens: int, group_size: int, k: int, w
     if split_k > 1:  # the last split of each column block re-armed its arrival counter: the next call is the same
         from kvflight.kernels.w8a16_matmul import _COUNTERS
 
-        assert int(_COUNTERS[(str(torch.device(device)), 3)].abs().sum()) == 0
+        assert int(_COUNTERS[(str(out.device), 3)].abs().sum()) == 0
         again = wo_gemv(x.to(device), qweight.to(device), scales.to(device),
                         None if zeros is None else zeros.to(device), group_size, bias.to(device), config=cfg)
         assert torch.equal(again, out)
