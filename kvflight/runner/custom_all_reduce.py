@@ -1,5 +1,5 @@
-"""The custom all-reduce's shared buffers and its per-call choice: one-shot, two-shot or NCCL (kvflight/kernels/all_reduce.py
-is the kernel).
+"""The custom all-reduce's shared buffers and its per-call choice: one-shot, two-shot or NCCL (the kernel:
+kvflight/kernels/all_reduce.py).
 
 Every rank allocates one region (two data halves of `capacity_bytes` + the barrier flags) and every other rank maps
 it: on GPUs through CUDA IPC (cudaIpcGetMemHandle / cudaIpcOpenMemHandle with lazy peer access; the GPUs must reach
