@@ -75,6 +75,21 @@ def _barrier(flag_table_ptr, my_rank, pid, target, error_ptr, max_spins, W: tl.c
 
 
 @triton.jit
+def _rank_data(ptr_table, p, half, ELEM: tl.constexpr):
+    """Rank p's data region, this call's half, as a pointer to ELEM."""
+    return tl.load(ptr_table + p).to(tl.pointer_type(ELEM)) + half
+
+
+@triton.jit
+def _sum_over_ranks(ptr_table, half, offs, mask, ELEM: tl.constexpr, W: tl.constexpr):
+    """The elements at `offs` of every rank's half, summed in rank order 0..W-1 in float32 (equal on every rank)."""
+    acc = tl.zeros_like(offs).to(tl.float32)
+    for p in tl.static_range(W):
+        acc += tl.load(_rank_data(ptr_table, p, half, ELEM) + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _all_reduce_kernel(
     x_ptr,  # [n] input, this rank's partial sum
     out_ptr,  # [n] output (may be x_ptr)
@@ -94,7 +109,7 @@ def _all_reduce_kernel(
     barriers = tl.load(counters_ptr + NPROG + pid)
     half = (calls % 2).to(tl.int64) * capacity  # element offset of this call's half
     elem = x_ptr.dtype.element_ty
-    my_data = tl.load(ptr_table + my_rank).to(tl.pointer_type(elem)) + half
+    my_data = _rank_data(ptr_table, my_rank, half, elem)
     error_ptr = tl.load(ptr_table + 2 * W).to(tl.pointer_type(tl.int32))
     step = NPROG * BLOCK
     # 1. this rank's chunks of the input into its own half
@@ -110,11 +125,7 @@ def _all_reduce_kernel(
         for start in range(pid * BLOCK, n, step):
             offs = start + my_rank * SUB + tl.arange(0, SUB)
             mask = offs < n
-            acc = tl.zeros([SUB], tl.float32)
-            for p in tl.static_range(W):
-                peer = tl.load(ptr_table + p).to(tl.pointer_type(elem)) + half
-                acc += tl.load(peer + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
-            tl.store(my_data + offs, acc.to(elem), mask=mask)
+            tl.store(my_data + offs, _sum_over_ranks(ptr_table, half, offs, mask, elem, W).to(elem), mask=mask)
         barriers += 1
         _barrier(ptr_table + W, my_rank, pid, barriers, error_ptr, max_spins, W)
         # 2b. gather sub-slice p of each chunk from rank p
@@ -122,18 +133,14 @@ def _all_reduce_kernel(
             for p in tl.static_range(W):
                 offs = start + p * SUB + tl.arange(0, SUB)
                 mask = offs < n
-                peer = tl.load(ptr_table + p).to(tl.pointer_type(elem)) + half
+                peer = _rank_data(ptr_table, p, half, elem)
                 tl.store(out_ptr + offs, tl.load(peer + offs, mask=mask, volatile=True), mask=mask)
     else:
         # 2. sum this program's chunks over every rank's half
         for start in range(pid * BLOCK, n, step):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n
-            acc = tl.zeros([BLOCK], tl.float32)
-            for p in tl.static_range(W):
-                peer = tl.load(ptr_table + p).to(tl.pointer_type(elem)) + half
-                acc += tl.load(peer + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
-            tl.store(out_ptr + offs, acc.to(elem), mask=mask)
+            tl.store(out_ptr + offs, _sum_over_ranks(ptr_table, half, offs, mask, elem, W).to(elem), mask=mask)
     tl.store(counters_ptr + pid, calls + 1)
     tl.store(counters_ptr + NPROG + pid, barriers)
 
