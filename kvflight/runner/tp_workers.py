@@ -97,9 +97,10 @@ def _backend(config: EngineConfig) -> str:
     return "nccl" if resolve_device(config.model.device).type == "cuda" and torch.cuda.is_available() else "gloo"
 
 
-def setup_all_reduce(strategy: str, rank: int, world_size: int) -> tuple[str, str]:
+def setup_all_reduce(strategy: str, rank: int, world_size: int, backend: str) -> tuple[str, str]:
     """Every rank, right after joining the group: set up the custom all-reduce when `strategy` is 'custom' (all
-    ranks at once). (strategy in use, why): 'custom', or 'nccl' / 'gloo' when it failed anywhere or was not asked."""
+    ranks at once). (strategy in use, why): 'custom', or the backend's ('nccl' / 'gloo') when it failed anywhere or
+    was not asked."""
     if strategy != "custom":
         return strategy, ""
     import torch
@@ -107,18 +108,12 @@ def setup_all_reduce(strategy: str, rank: int, world_size: int) -> tuple[str, st
     from kvflight.model.layers import set_custom_all_reduce
     from kvflight.runner.custom_all_reduce import create_custom_all_reduce
 
-    device = torch.device("cuda", rank) if dist_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     car, why = create_custom_all_reduce(rank, world_size, device)
     if car is None:
-        return dist_backend(), why
+        return backend, why
     set_custom_all_reduce(car)
     return "custom", why
-
-
-def dist_backend() -> str:
-    import torch.distributed as dist
-
-    return dist.get_backend() if dist.is_initialized() else ""
 
 
 def check_custom_all_reduce() -> None:
@@ -151,7 +146,7 @@ def _worker_main(rank: int, world_size: int, init_method: str, config: EngineCon
         conn.send(("hello", rank))
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=tp_timeout_s()))
-        setup_all_reduce(all_reduce, rank, world_size)
+        setup_all_reduce(all_reduce, rank, world_size, backend)
         runner = ModelRunner(config, resolved, arch, max_seq_len)
         runner.skip_sampling = True
         conn.send(("loaded", rank))
@@ -251,7 +246,7 @@ class TPWorkerGroup:
             dist.init_process_group(self.backend, init_method=init_method, rank=0, world_size=tp,
                                     timeout=timedelta(seconds=tp_timeout_s()))
             requested = self.all_reduce_strategy
-            self.all_reduce_strategy, why = setup_all_reduce(requested, 0, tp)
+            self.all_reduce_strategy, why = setup_all_reduce(requested, 0, tp, self.backend)
             if config.parallel.use_custom_all_reduce == "on" and requested == "custom" != self.all_reduce_strategy:
                 raise ConfigError(f"use_custom_all_reduce=on, but the custom all-reduce could not be set up ({why}); "
                                   "use auto (falls back to NCCL) or off")
