@@ -267,14 +267,44 @@ def tune() -> None:
     pa._launch_config = original
 
 
+def short_context_sweep() -> None:
+    """Decode at short contexts (batch-1 decode of a chat reply): no split against split-K with narrow KV tiles."""
+    original = pa._launch_config
+    bench = DecodeBench(64 * 8192)
+    for batch in (1, 4, 16):
+        splits = max(2, math.ceil(pa.TARGET_PROGRAMS_PER_SM * bench.num_sms / (batch * KV_HEADS)))
+        for context in (128, 256, 512, 1024):
+            cells = [f"off {bench.time_us(batch, context, 1):6.2f}"]
+            for block_n in (16, 32, 64, 128):
+                for stages in (3, 5):
+                    def cfg(*args, block_n=block_n, stages=stages):
+                        c = original(*args)
+                        c.update(BLOCK_N=block_n, num_stages=stages)
+                        return c
+                    pa._launch_config = cfg
+                    try:
+                        cells.append(f"n{block_n}/st{stages} {bench.time_us(batch, context, splits):6.2f}")
+                    except Exception as e:
+                        cells.append(f"n{block_n}/st{stages} {type(e).__name__}")
+                    pa._launch_config = original
+            print(f"short b={batch:<2d} ctx={context:<5d} splits={splits:<3d} us/call: " + " | ".join(cells),
+                  flush=True)
+    del bench
+    torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--short-sweep", action="store_true", help="short-context decode: split-K tile sweep, then exit")
     parser.add_argument("--tune", action="store_true", help="sweep tile configs first")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--only-tune", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    if args.short_sweep:
+        short_context_sweep()
+        return 0
     if args.tune or args.only_tune:
         print(f"copy bandwidth {copy_bandwidth_bytes_per_s() / 1e12:.2f} TB/s")
         tune()

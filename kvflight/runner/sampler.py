@@ -96,6 +96,15 @@ class _Batch:
     mask_index: torch.Tensor | None = None  # [2, num_masked] int64: (row, token) pairs set to -inf
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, vocab] -> [rows] int64 first index of each row's maximum (the Triton kernel on a GPU)."""
+    if x.is_cuda:
+        from kvflight.kernels.argmax import argmax_rows
+
+        return argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
 def _check_inputs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     if logits.dim() != 2:
         raise ValueError(f"logits has shape {tuple(logits.shape)}: the sampler needs [num_rows, vocab_size]")
@@ -206,7 +215,7 @@ class Sampler:
         b = self._prepare(requests, logits.shape[1], logits.device)
 
         x = _apply_token_masks(_apply_penalties(logits, b), b)  # [rows, vocab]
-        greedy_ids = x.argmax(dim=-1) if b.any_greedy else None  # [rows]
+        greedy_ids = _argmax(x) if b.any_greedy else None  # [rows]
         if b.all_greedy:
             assert greedy_ids is not None
             token_ids = greedy_ids
@@ -233,7 +242,7 @@ class Sampler:
             if r.generator is None:
                 r.generator = torch.Generator(device=x.device).manual_seed(r.sampling_params.seed)
             q[i].exponential_(generator=r.generator)
-        return probs.div_(q).argmax(dim=-1)
+        return _argmax(probs.div_(q))
 
     # ---- host side: one pass over the rows, one host->device copy -----------------------------------------
 
