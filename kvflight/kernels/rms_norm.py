@@ -8,21 +8,6 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_row(x, r, w, mask, hidden, eps, out_ptrs, new_res_ptrs, HAS_RESIDUAL: tl.constexpr):
-    """One row's residual add + RMSNorm from loaded values, stored through out_ptrs (and new_res_ptrs with
-    HAS_RESIDUAL; r is ignored without it). Shared by the norm kernel and the GEMV epilogue that fuses it
-    (wo_gemv), so both round the same way. x, r, w, mask, pointers: [BLOCK]; masked lanes of x / r are 0."""
-    if HAS_RESIDUAL:
-        x = x + r  # added in the input dtype, as the reference does
-        tl.store(new_res_ptrs, x.to(new_res_ptrs.dtype.element_ty), mask=mask)
-    xf = x.to(tl.float32)
-    variance = tl.sum(xf * xf, axis=0) / hidden  # scalar float32 (masked lanes are 0)
-    normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)  # rounded to the (post-add) input dtype first
-    out = w * normed
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _rms_norm_kernel(
     x_ptr,  # [T, hidden]
     res_ptr,  # [T, hidden] (unused unless HAS_RESIDUAL)
@@ -42,12 +27,16 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)  # [BLOCK]
     mask = cols < hidden
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)  # [BLOCK] input dtype
-    r = x
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        x = x + r  # added in the input dtype, as the reference does
+        tl.store(new_res_ptr + row * new_res_stride + cols, x.to(new_res_ptr.dtype.element_ty), mask=mask)
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, axis=0) / hidden  # scalar float32 (masked lanes are 0)
+    normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)  # rounded to the (post-add) input dtype first
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # [BLOCK] weight dtype
-    rms_norm_row(x, r, w, mask, hidden, eps, out_ptr + row * out_stride + cols,
-                 new_res_ptr + row * new_res_stride + cols, HAS_RESIDUAL)
+    out = w * normed
+    tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:

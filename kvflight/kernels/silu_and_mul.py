@@ -8,14 +8,6 @@ import triton.language as tl
 
 
 @triton.jit
-def silu_mul(gate, up):
-    """silu(gate) * up elementwise in the input dtype (shared with the GEMV that fuses it, wo_gemv)."""
-    gf = gate.to(tl.float32)
-    silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)  # F.silu: float32 math, rounded to the input dtype
-    return silu * up
-
-
-@triton.jit
 def _silu_and_mul_kernel(
     x_ptr,  # [T, 2 * I] = [gate | up]
     out_ptr,  # [T, I]
@@ -29,7 +21,9 @@ def _silu_and_mul_kernel(
     mask = cols < inter
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)  # [BLOCK] input dtype
     up = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0)
-    out = silu_mul(gate, up)
+    gf = gate.to(tl.float32)
+    silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)  # F.silu: float32 math, rounded to the input dtype
+    out = silu * up
     tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -20,8 +20,7 @@ import triton.language as tl
 @triton.jit
 def split_k_store(acc, out_ptr, out_offs, mask, partial_ptr, part_offs, plane, counter_ptr, tile, pid_k,
                   SPLIT_K: tl.constexpr):
-    """Write a program's float32 result `acc` (any shape; out_offs / part_offs / mask alike) to the output; returns
-    whether this program wrote the tile's output (always without a split; with one, the last split to arrive).
+    """Write a program's float32 result `acc` (any shape; out_offs / part_offs / mask alike) to the output.
 
     SPLIT_K == 1: cast and store. Else each split stores its partial sums in its plane of the scratch; the split that
     arrives last at the tile (an arrival counter, acquire-release) adds the planes in split order (the same sum
@@ -30,20 +29,17 @@ def split_k_store(acc, out_ptr, out_offs, mask, partial_ptr, part_offs, plane, c
     """
     if SPLIT_K == 1:
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        wrote = True
     else:
         tl.store(partial_ptr + pid_k * plane + part_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial sums are stored before the arrival is counted
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        wrote = arrived == SPLIT_K - 1
-        if wrote:
+        if arrived == SPLIT_K - 1:
             tl.debug_barrier()
             total = tl.zeros_like(acc)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(partial_ptr + s * plane + part_offs, mask=mask, other=0.0, volatile=True)
             tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
-    return wrote
 
 
 @triton.jit

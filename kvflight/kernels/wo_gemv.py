@@ -29,25 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflight.kernels.rms_norm import rms_norm_row
-from kvflight.kernels.silu_and_mul import silu_mul
 from kvflight.kernels.w8a16_matmul import split_k_buffers, split_k_store
 
 GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or dequantize + cuBLAS)
-_ROW_COUNTERS: dict[str, torch.Tensor] = {}  # device -> [1] int32: output tiles done (FUSE_NORM), zero at rest
-
-
-@triton.jit
-def _load_x(x_ptr, offs, mask, K, ACT_SILU_MUL: tl.constexpr):
-    """Activations at offs: x[offs], or with ACT_SILU_MUL silu(gate[offs]) * up[offs] from x = [gate | up] (width
-    2K), rounded as silu_and_mul rounds them."""
-    if ACT_SILU_MUL:
-        gate = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        up = tl.load(x_ptr + K + offs, mask=mask, other=0.0)
-        x = silu_mul(gate, up)
-    else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    return x
 
 
 @triton.jit
@@ -76,16 +60,6 @@ def _wo_gemv_kernel(
     BLOCK_K: tl.constexpr,
     HALF: tl.constexpr = False,  # 4-bit with 16-bit activations: sum each word's 8 products in the activation dtype
     PAIRS: tl.constexpr = False,  # HALF on a GPU: unpack two codes per 32-bit operation (PTX; not interpretable)
-    ACT_SILU_MUL: tl.constexpr = False,  # x_ptr holds [gate | up] (2K wide); the activations are silu(gate) * up
-    # FUSE_NORM: then norm(out + residual) as rms_norm does, by the program that writes the row's last tile
-    FUSE_NORM: tl.constexpr = False,
-    res_ptr=None,  # [N] residual (FUSE_NORM)
-    norm_w_ptr=None,  # [N] RMSNorm weight
-    normed_ptr=None,  # [N] out: rms_norm(out + residual) * weight
-    new_res_ptr=None,  # [N] out: out + residual
-    row_counter_ptr=None,  # [1] int32, zero between calls: output tiles written
-    eps=0.0,
-    NORM_BLOCK: tl.constexpr = 1,  # next power of two >= N
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -103,7 +77,6 @@ def _wo_gemv_kernel(
         acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # per-lane partial sums, reduced once at the end
         for k0 in range(k_start, k_end, BLOCK_K):
             ww = k0 // 8 + rw  # [BK / 8] word columns (K is a multiple of the group, so a tile is whole)
-            x_ok = ww >= 0  # every column of a tile exists
             words = tl.load(w_ptr + rn[:, None] * stride_wn + ww[None, :], mask=n_mask[:, None], other=0)
             group = k0 // GROUP_SIZE
             scale = tl.load(scales_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
@@ -122,13 +95,13 @@ def _wo_gemv_kernel(
                         lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair],
                                                            dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
                                                            is_pure=True, pack=1)
-                        x_lo = _load_x(x_ptr, 8 * ww + j, x_ok, K, ACT_SILU_MUL)  # [BK / 8] columns 8w + j
-                        x_hi = _load_x(x_ptr, 8 * ww + j + 4, x_ok, K, ACT_SILU_MUL)  # columns 8w + j + 4
+                        x_lo = tl.load(x_ptr + 8 * ww + j)  # [BK / 8] columns 8w + j
+                        x_hi = tl.load(x_ptr + 8 * ww + j + 4)  # columns 8w + j + 4
                         part_h += (lo - offset_h[:, None]) * x_lo[None, :]
                         part_h += (hi - offset_h[:, None]) * x_hi[None, :]
                 else:
                     for i in tl.static_range(8):
-                        x_i = _load_x(x_ptr, 8 * ww + i, x_ok, K, ACT_SILU_MUL)  # [BK / 8] columns 8w + i, 16-bit
+                        x_i = tl.load(x_ptr + 8 * ww + i)  # [BK / 8] columns 8w + i, 16-bit
                         bits = (((words >> (4 * i)) & 0x0F) | MAGIC_BITS).to(tl.int16)
                         part_h += (bits.to(x_ptr.dtype.element_ty, bitcast=True) - offset_h[:, None]) * x_i[None, :]
                 part = part_h.to(tl.float32)
@@ -136,7 +109,7 @@ def _wo_gemv_kernel(
                 offset = zero + 8388608.0  # [BN] 2^23 + zero point
                 part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
                 for i in tl.static_range(8):
-                    x_i = _load_x(x_ptr, 8 * ww + i, x_ok, K, ACT_SILU_MUL).to(tl.float32)  # [BK / 8] columns 8w + i
+                    x_i = tl.load(x_ptr + 8 * ww + i).to(tl.float32)  # [BK / 8] columns 8w + i
                     # code -> float without an int-to-float convert (quarter rate): the code in the low mantissa
                     # bits of 2^23 is exactly 2^23 + code; subtracting 2^23 + zero leaves code - zero exactly
                     bits = ((words >> (4 * i)) & 0x0F) | 0x4B000000
@@ -153,27 +126,14 @@ def _wo_gemv_kernel(
                         other=0)  # [BN, BK] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
             if W_FP8:
                 w = w.to(tl.float8e4nv, bitcast=True)
-            x = _load_x(x_ptr, kk, k_mask, K, ACT_SILU_MUL).to(tl.float32)  # [BK]
+            x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
             acc += w.to(tl.float32) * x[None, :]
         scale = tl.load(scales_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
         total = tl.sum(acc, axis=1) * scale
     if HAS_BIAS:
         if pid_k == 0:
             total += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    wrote = split_k_store(total, out_ptr, rn, n_mask, partial_ptr, rn, N, counter_ptr, pid_n, pid_k, SPLIT_K)
-    if FUSE_NORM:
-        if wrote:
-            tl.debug_barrier()  # this program's output tile is stored before it is counted
-            done = tl.atomic_add(row_counter_ptr, 1, sem="acq_rel", scope="gpu")
-            if done == tl.num_programs(0) - 1:  # the row's last tile: the whole output is there
-                tl.debug_barrier()
-                cols = tl.arange(0, NORM_BLOCK)
-                cmask = cols < N
-                y = tl.load(out_ptr + cols, mask=cmask, other=0.0, volatile=True)  # [NORM_BLOCK] x dtype
-                r = tl.load(res_ptr + cols, mask=cmask, other=0.0)
-                w = tl.load(norm_w_ptr + cols, mask=cmask, other=0.0)
-                rms_norm_row(y, r, w, cmask, N, eps, normed_ptr + cols, new_res_ptr + cols, True)
-                tl.atomic_xchg(row_counter_ptr, 0, sem="relaxed", scope="gpu")
+    split_k_store(total, out_ptr, rn, n_mask, partial_ptr, rn, N, counter_ptr, pid_n, pid_k, SPLIT_K)
 
 
 class GemvConfig(NamedTuple):
@@ -198,40 +158,19 @@ def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128)
 
 
 def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
-            group_size: int = 0, bias: torch.Tensor | None = None, config: GemvConfig | None = None, *,
-            act: str | None = None, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-            eps: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            group_size: int = 0, bias: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """x [M, K] (or [..., K]) with M <= GEMV_MAX_ROWS rows.
     4-bit: qweight [N, K / 2] uint8, scales / zeros [N, K / group_size] (as reference.w4a16_matmul);
     8-bit: qweight [N, K] int8 or float8_e4m3fn, scales [N] float32 (as reference.w8a16_matmul).
-    -> y [M, N] in x's dtype.
-
-    Fused around the product (what the next and previous kernels of a decoder layer would do, one launch less each):
-    act="silu_mul": x is [M, 2K] = [gate | up] and the activations are silu_and_mul(x);
-    residual [M, N] and norm_weight [N] (with eps): returns (rms_norm(y, norm_weight, eps, residual)) =
-    (norm(y + residual) * norm_weight, y + residual) instead of y, computed by the program that writes the last
-    output tile. Both round exactly as silu_and_mul / rms_norm do, so the fused call equals the three-kernel one."""
-    if act not in (None, "silu_mul"):
-        raise ValueError(f"wo_gemv: act={act!r}: expected None or 'silu_mul'")
-    width = x.shape[-1]
-    if act == "silu_mul" and width % 2:
-        raise ValueError(f"wo_gemv: act='silu_mul' needs x = [gate | up] of even width, got {width}")
-    K = width // 2 if act == "silu_mul" else width
+    -> [M, N] in x's dtype."""
+    K = x.shape[-1]
     N = qweight.shape[0]
-    x2 = x.reshape(-1, width)  # [M, K] (or [M, 2K] = [gate | up])
+    x2 = x.reshape(-1, K)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     if M > GEMV_MAX_ROWS:
         raise ValueError(f"wo_gemv: {M} rows > GEMV_MAX_ROWS={GEMV_MAX_ROWS}; use the matmul kernels")
-    fuse_norm = residual is not None or norm_weight is not None
-    if fuse_norm:
-        if residual is None or norm_weight is None:
-            raise ValueError("wo_gemv: a fused norm needs both residual and norm_weight")
-        if residual.shape[-1] != N or residual.numel() != M * N or residual.dtype != x.dtype \
-                or norm_weight.shape != (N,):
-            raise ValueError(f"wo_gemv: residual {tuple(residual.shape)} {residual.dtype} / norm_weight "
-                             f"{tuple(norm_weight.shape)}: expected [{M}, {N}] {x.dtype} / [{N}]")
     if qweight.dtype == torch.uint8:
         bits = 4
         if group_size < 32 or group_size & (group_size - 1) or K % group_size:
@@ -264,18 +203,6 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         raise ValueError(f"wo_gemv: block_k={cfg.block_k} must divide group_size={group_size}")
     num_blocks = triton.cdiv(N, cfg.block_n)
     out, partial, counters = split_k_buffers(M, N, cfg.split_k, num_blocks, x2)
-    fused: dict = {}
-    if fuse_norm:
-        assert residual is not None and norm_weight is not None
-        res = residual.reshape(M, N).contiguous()
-        normed = torch.empty((M, N), dtype=torch.result_type(norm_weight, res), device=x.device)
-        new_res = torch.empty((M, N), dtype=res.dtype, device=x.device)
-        row_counter = _ROW_COUNTERS.get(str(x.device))
-        if row_counter is None:
-            row_counter = _ROW_COUNTERS[str(x.device)] = torch.zeros(1, dtype=torch.int32, device=x.device)
-        fused = dict(FUSE_NORM=True, res_ptr=res, norm_w_ptr=norm_weight.contiguous(), normed_ptr=normed,
-                     new_res_ptr=new_res, row_counter_ptr=row_counter, eps=float(eps),
-                     NORM_BLOCK=triton.next_power_of_2(N))
     if M > 0 and N > 0:
         grid = (num_blocks, cfg.split_k)
         _wo_gemv_kernel[grid](
@@ -284,9 +211,6 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HALF=bits == 4 and x2.dtype in (torch.bfloat16, torch.float16),
-            PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", ACT_SILU_MUL=act == "silu_mul",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fused)
-    lead = x.shape[:-1]
-    if fuse_norm:
-        return fused["normed_ptr"].view(*lead, N), fused["new_res_ptr"].view(*lead, N)
-    return out.view(*lead, N)
+            PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.view(*x.shape[:-1], N)

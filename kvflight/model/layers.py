@@ -25,11 +25,6 @@ from kvflight.quant.linear import LinearMethod, linear_method_for
 WeightLoader = Callable[..., None]
 
 
-# Fuse the activation before and the residual + RMSNorm after a row-parallel linear into its kernel where the
-# linear method can (RowParallelLinear.forward_fused); off: always the separate kernels (tests, benchmarks compare).
-FUSE_EPILOGUES = True
-
-
 # ---- tensor-parallel state --------------------------------------------------------------------------------------
 @dataclass
 class _TensorParallelState:
@@ -296,24 +291,6 @@ class RowParallelLinear(_ParallelLinear):
         bias = self.bias if self.tp_rank == 0 else None
         out = self.quant_method.apply(self, x, bias)
         return tp_all_reduce(out) if self.reduce_results else out
-
-    def forward_fused(self, x: torch.Tensor, *, act: "SiluAndMul | None" = None, norm: "RMSNorm | None" = None,
-                      residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(self(act(x)), residual) -> (normed, new residual), or self(act(x)) without norm; act / norm are the
-        model's SiluAndMul / RMSNorm modules or None. One launch where the linear method's kernel can fuse them (a
-        one-row GEMV, one rank, the Triton kernels selected, FUSE_EPILOGUES), with the same rounding; else the
-        separate calls."""
-        fusable = (FUSE_EPILOGUES and self.tp_size == 1 and (act is None or act.use_triton)
-                   and (norm is None or (norm.use_triton and residual is not None))
-                   and (act is not None or norm is not None))
-        if fusable:
-            out = self.quant_method.apply_fused(
-                self, x, self.bias, act="silu_mul" if act is not None else None, residual=residual,
-                norm_weight=None if norm is None else norm.weight, eps=0.0 if norm is None else norm.eps)
-            if out is not None:
-                return out
-        y = self(x if act is None else act(x))
-        return y if norm is None else norm(y, residual)
 
 
 # ---- embeddings -------------------------------------------------------------------------------------------------

@@ -76,10 +76,7 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, arch.head_dim, self.num_kv_heads, backend=backend)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor | None,
-                meta: AttentionMetadata, rotary: RotaryEmbedding, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, hidden] (normed) -> o_proj output [T, hidden]; with norm (and residual): norm(output,
-        residual) = (normed, new residual), fused into o_proj where its kernel can."""
+                meta: AttentionMetadata, rotary: RotaryEmbedding) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 * Hkv) * D]
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
@@ -91,8 +88,7 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k)[0]
         q, k = rotary(positions, q, k)
         out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
-        return self.o_proj.forward_fused(out.reshape(num_tokens, self.num_heads * self.head_dim), norm=norm,
-                                         residual=residual)  # [T, hidden] (or the norm's pair)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))  # [T, hidden]
 
 
 class LlamaMLP(nn.Module):
@@ -104,11 +100,8 @@ class LlamaMLP(nn.Module):
                                            dtype=dtype, device=device)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> [T, hidden] via [T, 2 * I_local] and [T, I_local]; with norm (and residual): norm(output,
-        residual). The activation and the norm fuse into down_proj where its kernel can."""
-        return self.down_proj.forward_fused(self.gate_up_proj(x), act=self.act_fn, norm=norm, residual=residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # via [T, 2 * I_local] and [T, I_local]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -124,19 +117,9 @@ class LlamaDecoderLayer(nn.Module):
                 rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, hidden] (this layer's input, not yet added to residual) -> (mlp out, residual)."""
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden, residual = self.self_attn(positions, hidden, kv_cache, meta, rotary,
-                                          norm=self.post_attention_layernorm, residual=residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, rotary)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
-
-    def forward_normed(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor,
-                       kv_cache: torch.Tensor | None, meta: AttentionMetadata, rotary: RotaryEmbedding,
-                       next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward with the norms moved to the ends of the linears before them: hidden [T, hidden] is this layer's
-        input already normed, and the result is next_norm(mlp out, residual) (the next layer's normed input and the
-        residual), so that each norm can fuse into o_proj / down_proj. Same values as forward + next_norm."""
-        hidden, residual = self.self_attn(positions, hidden, kv_cache, meta, rotary,
-                                          norm=self.post_attention_layernorm, residual=residual)
-        return self.mlp(hidden, norm=next_norm, residual=residual)
 
 
 class LlamaModel(nn.Module):
@@ -151,15 +134,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor] | None,
                 meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        if not len(self.layers):
-            return self.norm(hidden)[0]
-        hidden, residual = self.layers[0].input_layernorm(hidden)  # normed [T, hidden], residual = the embedding
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            hidden, residual = layer.forward_normed(positions, hidden, residual,
-                                                    None if kv_caches is None else kv_caches[i], meta,
-                                                    self.rotary_emb, next_norm)
-        return hidden  # [T, hidden], final-normed
+            hidden, residual = layer(positions, hidden, residual, None if kv_caches is None else kv_caches[i],
+                                     meta, self.rotary_emb)
+        return self.norm(hidden, residual)[0]  # [T, hidden]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -69,13 +69,6 @@ class LinearMethod:
     def apply(self, layer: "_ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)  # x [T, K] -> [T, N]
 
-    def apply_fused(self, layer: "_ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None, *,
-                    act: str | None, residual: torch.Tensor | None, norm_weight: torch.Tensor | None,
-                    eps: float) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
-        """act ("silu_mul": x = [gate | up]) -> x W^T -> (rms_norm(y, norm_weight, eps, residual)) in one launch,
-        where this method has a kernel for it; None: not here (the caller runs the separate kernels)."""
-        return None
-
     def dequantized_weight(self, layer: "_ParallelLinear") -> torch.Tensor:
         """The float32 weight [N, K] this layer computes with (tests, calibration, debugging)."""
         return layer.weight.float()
@@ -160,15 +153,6 @@ class Int4WeightOnlyMethod(LinearMethod):
 
             return w4a16_matmul(x, layer.qweight, layer.scales, zeros, self.group_size, bias)
         return F.linear(x, self.cpu_weight(layer, x.dtype), bias)  # dequantized [N, K]
-
-    def apply_fused(self, layer, x, bias, *, act, residual, norm_weight, eps):
-        width = x.shape[-1]
-        if not (x.is_cuda and x.numel() == width):  # the one-row GEMV only
-            return None
-        from kvflight.kernels.wo_gemv import wo_gemv
-
-        return wo_gemv(x, layer.qweight, layer.scales, layer.qzeros if self.zero_point else None, self.group_size,
-                       bias, act=act, residual=residual, norm_weight=norm_weight, eps=eps)
 
     def dequantized_weight(self, layer):
         return ops.dequantize_int4(layer.qweight, layer.scales, layer.qzeros if self.zero_point else None,
@@ -261,16 +245,6 @@ class Fp8Method(_W8A8Method):
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out.to(x.dtype).view(*x.shape[:-1], n)
-
-    def apply_fused(self, layer, x, bias, *, act, residual, norm_weight, eps):
-        n, k = layer.weight.shape
-        if not (x.is_cuda and x.numel() == x.shape[-1] and x.dtype in (torch.bfloat16, torch.float16)
-                and _has_fp8_matmul(x.device.index or 0) and n % 16 == 0 and k % 16 == 0):
-            return None  # the one-row GEMV (what apply runs for one 16-bit row) only
-        from kvflight.kernels.wo_gemv import wo_gemv
-
-        return wo_gemv(x, layer.weight, layer.weight_scale, bias=bias, act=act, residual=residual,
-                       norm_weight=norm_weight, eps=eps)
 
     def describe(self) -> str:
         return f"fp8(weights per {'channel' if self.per_channel else 'tensor'}, activations per token)"

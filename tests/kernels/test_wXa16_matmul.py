@@ -257,69 +257,6 @@ def test_gemv_llama_shapes_on_gpu(num_tokens: int) -> None:
                                    rtol=2e-2)
 
 
-def _fused_case(bits: int, n: int, k: int, dtype: torch.dtype, g: torch.Generator, device: str):
-    """Weights, [gate | up] activations, residual and norm weight for a fused-epilogue GEMV case."""
-    if bits == 4:
-        qweight, scales, zeros = _w4(n, k, 32, g)
-        weights = (qweight.to(device), scales.to(device), zeros.to(device), 32)
-    else:
-        qweight, scale = _w8(n, k, g)
-        weights = (qweight.to(device), scale.to(device))
-    gate_up = (torch.randn(1, 2 * k, generator=g) * 2).to(dtype).to(device)
-    residual = torch.randn(1, n, generator=g).to(dtype).to(device)
-    norm_w = (torch.rand(n, generator=g) + 0.5).to(dtype).to(device)
-    return weights, gate_up, residual, norm_w
-
-
-@pytest.mark.parametrize("bits,split_k", [(4, 1), (4, 3), (8, 1), (8, 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemv_fused_silu_and_norm_equal_the_separate_kernels(bits: int, split_k: int, dtype: torch.dtype,
-                                                             device: str) -> None:
-    """act='silu_mul' and a fused residual + RMSNorm give exactly what silu_and_mul -> GEMV -> rms_norm give (the
-    same rounding steps), on ragged column blocks, with and without split-K, twice in a row (counters re-armed)."""
-    from kvflight.kernels import rms_norm, silu_and_mul
-    from kvflight.kernels.wo_gemv import _ROW_COUNTERS, GemvConfig, wo_gemv
-
-    g = torch.Generator().manual_seed(bits * 10 + split_k)
-    n, k = 72, 128  # 72 = 4.5 column blocks of 16
-    cfg = GemvConfig(16, 32, split_k)
-    for _ in range(3):  # new inputs each time: a norm over a half-written output would see the last call's values
-        weights, gate_up, residual, norm_w = _fused_case(bits, n, k, dtype, g, device)
-        act = silu_and_mul.silu_and_mul(gate_up)  # [1, k]
-        y = wo_gemv(act, *weights, config=cfg)
-        want_normed, want_res = rms_norm.rms_norm(y, norm_w, 1e-5, residual)
-        normed, new_res = wo_gemv(gate_up, *weights, config=cfg, act="silu_mul", residual=residual,
-                                  norm_weight=norm_w, eps=1e-5)
-        assert normed.shape == (1, n) and normed.dtype == dtype and new_res.dtype == dtype
-        assert torch.equal(new_res, want_res) and torch.equal(normed, want_normed)
-        assert int(_ROW_COUNTERS[str(normed.device)].item()) == 0
-    # each fused part alone, against the plain-torch references
-    assert torch.equal(wo_gemv(gate_up, *weights, config=cfg, act="silu_mul"), y)
-    ref_y = (reference.w4a16_matmul(reference.silu_and_mul(gate_up.cpu().float()), weights[0].cpu(),
-                                    weights[1].cpu(), weights[2].cpu(), 32) if bits == 4 else
-             reference.w8a16_matmul(reference.silu_and_mul(gate_up.cpu().float()), weights[0].cpu(),
-                                    weights[1].cpu()))
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.float().cpu(), ref_y, atol=tol * ref_y.abs().max().item(), rtol=tol)
-    normed, _ = wo_gemv(act, *weights, config=cfg, residual=residual, norm_weight=norm_w, eps=1e-5)
-    ref_normed, _ = reference.rms_norm(y.cpu(), norm_w.cpu(), 1e-5, residual.cpu())
-    torch.testing.assert_close(normed.cpu(), ref_normed, atol=tol, rtol=tol)
-
-
-def test_gemv_fused_refuses_bad_input() -> None:
-    from kvflight.kernels.wo_gemv import wo_gemv
-
-    w, s = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
-    with pytest.raises(ValueError, match="act='gelu'"):
-        wo_gemv(torch.zeros(1, 128), w, s, act="gelu")
-    with pytest.raises(ValueError, match="even width"):
-        wo_gemv(torch.zeros(1, 129), w, s, act="silu_mul")
-    with pytest.raises(ValueError, match="both residual and norm_weight"):
-        wo_gemv(torch.zeros(1, 64), w, s, residual=torch.zeros(1, 8))
-    with pytest.raises(ValueError, match=r"residual \(1, 9\)"):
-        wo_gemv(torch.zeros(1, 64), w, s, residual=torch.zeros(1, 9), norm_weight=torch.ones(8))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_4bit_16bit_activations(dtype: torch.dtype, device: str) -> None:
     """16-bit activations sum each word's 8 products in their own dtype (packed x2 arithmetic on a GPU): within a
