@@ -24,6 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflight.kernels import pdl
+from kvflight.kernels.pdl import pdl_trigger, pdl_wait
+
 LOG2_E = 1.4426950408889634
 MAX_NUM_SPLITS = 128  # the merge kernel loads all splits' statistics of one row at once
 _SPLIT_MODES = ("auto", "on", "off")
@@ -141,7 +144,10 @@ def _paged_attention_kernel(
     v_scale_ptr=None,
     scale_stride_h=0,  # 0: one scale for every head
     KV_SCALED: tl.constexpr = False,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if KV_SCALED:
@@ -231,7 +237,10 @@ def _merge_splits_kernel(
     st_stride_split, st_stride_t,
     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)  # one program per (token, query head)
     head = tl.program_id(1)
     if token >= tl.load(query_start_loc_ptr + num_seqs):
@@ -408,7 +417,7 @@ def paged_attention(
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TOKENS_PER_BLOCK=tokens_per_block,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], SINGLE_TILE=single_tile,
         NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_kwargs(q, "paged_attention"),
         **(dict(k_scale_ptr=k_scale, v_scale_ptr=v_scale,
                 scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0, KV_SCALED=True)
            if kv_scaled else {}),
@@ -421,7 +430,7 @@ def paged_attention(
             ws_max.stride(0), ws_max.stride(1),
             NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            num_warps=4 if head_dim_pad * num_splits >= 2048 else 1,
+            num_warps=4 if head_dim_pad * num_splits >= 2048 else 1, **pdl.launch_kwargs(q, "paged_attention"),
         )
     return out
 

@@ -6,6 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflight.kernels import pdl
+from kvflight.kernels.pdl import pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -22,10 +25,14 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,  # next power of two >= hidden
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_trigger(PDL)
     row = tl.program_id(0).to(tl.int64)  # one program per token row
     cols = tl.arange(0, BLOCK)  # [BLOCK]
     mask = cols < hidden
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # [BLOCK] weight dtype (a weight: read before the wait)
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)  # [BLOCK] input dtype
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -34,7 +41,6 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     variance = tl.sum(xf * xf, axis=0) / hidden  # scalar float32 (masked lanes are 0)
     normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)  # rounded to the (post-add) input dtype first
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # [BLOCK] weight dtype
     out = w * normed
     tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -82,6 +88,6 @@ def rms_norm(
             x2, res2, weight, out, new_res,
             x2.stride(0), res2.stride(0), out.stride(0), new_res.stride(0),
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block), **pdl.launch_kwargs(x2, "rms_norm"),
         )
     return out.view(x.shape), new_residual

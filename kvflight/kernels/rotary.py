@@ -6,6 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflight.kernels import pdl
+from kvflight.kernels.pdl import pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _rotate_heads(
@@ -41,7 +44,10 @@ def _rotary_kernel(
     Q_HEAD_BLOCK: tl.constexpr,
     K_HEAD_BLOCK: tl.constexpr,
     HALF_BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)  # one program per token: all its q and k heads
     pos = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
@@ -94,6 +100,6 @@ def rotary_embedding(
             Q_HEAD_BLOCK=triton.next_power_of_2(q3.shape[1]),
             K_HEAD_BLOCK=triton.next_power_of_2(k3.shape[1]),
             HALF_BLOCK=triton.next_power_of_2(half),
-            num_warps=4,
+            num_warps=4, **pdl.launch_kwargs(q3, "rotary"),
         )
     return q, k

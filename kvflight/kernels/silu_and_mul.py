@@ -6,6 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflight.kernels import pdl
+from kvflight.kernels.pdl import pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -15,7 +18,10 @@ def _silu_and_mul_kernel(
     out_stride,
     inter,  # I
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)  # token
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] columns of the intermediate dim
     mask = cols < inter
@@ -42,5 +48,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(triton.next_power_of_2(inter), 1024)
         grid = (num_rows, triton.cdiv(inter, block))
         _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter,
-                                   BLOCK=block, num_warps=max(1, min(8, block // 128)))
+                                   BLOCK=block, num_warps=max(1, min(8, block // 128)), **pdl.launch_kwargs(x2, "silu_and_mul"))
     return out.view(*x.shape[:-1], inter)

@@ -7,6 +7,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kvflight.kernels import pdl
+from kvflight.kernels.pdl import pdl_trigger, pdl_wait
 from triton.language.extra import libdevice
 
 from kvflight.kernels.reference import check_kv_write_shapes, kv_quant_name
@@ -36,7 +39,10 @@ def _write_kv_kernel(
     scale_stride_h=0,  # 0: one scale for every head
     QUANT: tl.constexpr = 0,
     INTERPRETED: tl.constexpr = False,  # 0: cast, 1: int8 (round half to even, +-127), 2: fp8 e4m3 (+-448)
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)  # one program per token: all its KV heads
     slot = tl.load(slot_ptr + token).to(tl.int64)
     heads_to_write = tl.where(slot >= 0, num_kv_heads, 0)  # padding tokens (slot < 0) write nothing
@@ -106,5 +112,5 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         DIM_BLOCK=triton.next_power_of_2(head_dim),
         num_warps=4,
         INTERPRETED=_INTERPRETED,
-        **quant_args,
+        **quant_args, **pdl.launch_kwargs(kv_cache, "write_kv"),
     )

@@ -265,3 +265,26 @@ def test_gpu_paths_equal_the_cpu_math(scheme: str) -> None:
         else:
             ref = cpu_layer(x.cpu()).float()
         assert float((out - ref).norm() / ref.norm()) < 0.02, (scheme, num_tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scheme", ["none", "fp8", "int4_wo"])
+def test_pdl_launches_change_nothing_on_gpu(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode (CUDA graphs; one request: the one-row GEMV; three: the batched kernels) gives the same tokens and
+    log-probabilities with programmatic dependent launch as without (KVFLIGHT_PDL=0)."""
+    from kvflight import LLM, SamplingParams
+    from kvflight.kernels import pdl
+
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KVFLIGHT_PDL", flag)
+        probe = torch.zeros(1, device="cuda")
+        assert pdl.enabled(probe) == (flag == "1" and pdl.HAVE_GDC and torch.cuda.get_device_capability() >= (9, 0))
+        llm = LLM("smollm2-135m", load_format="dummy", quantization=scheme, dtype="bfloat16", max_seq_len=256,
+                  kv_cache_bytes=64 << 20)
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+        outs = llm.generate([[3, 17, 42, 99, 5, 61]], params) + llm.generate([[3, 17], [8] * 30, [5, 9, 1]], params)
+        results.append([(o.outputs[0].token_ids, [(lp.sampled, lp.top) for lp in o.outputs[0].logprobs or []])
+                        for o in outs])
+        del llm
+    assert results[0] == results[1]
