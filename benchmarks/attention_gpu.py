@@ -233,8 +233,8 @@ def tune() -> None:
     decode_cases = [(16, 2048, 1), (64, 8192, 1), (16, 2048, 4), (1, 8192, 4)]
     decode_configs = [(n, 4, st) for n in (32, 64, 128) for st in (3, 5, 7)] + [(64, 8, 5), (128, 8, 5)]
     for block_n, warps, stages in decode_configs:
-        def cfg(*args, block_n=block_n, warps=warps, stages=stages):
-            c = original(*args)
+        def cfg(*args, block_n=block_n, warps=warps, stages=stages, **kwargs):
+            c = original(*args, **kwargs)
             c.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
             return c
         pa._launch_config = cfg
@@ -252,8 +252,8 @@ def tune() -> None:
     prefill_configs = [(128, n, 8, st) for n in (64, 128) for st in (2, 3, 4)] + [(128, 64, 4, 3), (64, 64, 4, 3),
                                                                                    (64, 64, 4, 4)]
     for block_m, block_n, warps, stages in prefill_configs:
-        def cfg(group, head_dim_pad, max_query_len, elem, block_m=block_m, block_n=block_n, warps=warps,
-                stages=stages):
+        def cfg(group, head_dim_pad, max_query_len, elem, num_splits=1, block_m=block_m, block_n=block_n,
+                warps=warps, stages=stages):
             return dict(BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n, num_warps=warps,
                         num_stages=stages)
         pa._launch_config = cfg
@@ -267,18 +267,20 @@ def tune() -> None:
     pa._launch_config = original
 
 
-def short_context_sweep() -> None:
-    """Decode at short contexts (batch-1 decode of a chat reply): no split against split-K with narrow KV tiles."""
+def short_context_sweep(batches: tuple[int, ...] = (1, 4, 16), contexts: tuple[int, ...] = (128, 256, 512, 1024),
+                        block_ns: tuple[int, ...] = (16, 32, 64, 128), stage_counts: tuple[int, ...] = (3, 5)) -> None:
+    """Decode at small batches: no split against split-K (as many splits as a captured graph uses) with other KV
+    tiles. Microseconds per call (CUDA-graph replays, block tables rotated past L2)."""
     original = pa._launch_config
-    bench = DecodeBench(64 * 8192)
-    for batch in (1, 4, 16):
+    bench = DecodeBench(max(batches) * max(max(contexts), 8192))
+    for batch in batches:
         splits = max(2, math.ceil(pa.TARGET_PROGRAMS_PER_SM * bench.num_sms / (batch * KV_HEADS)))
-        for context in (128, 256, 512, 1024):
+        for context in contexts:
             cells = [f"off {bench.time_us(batch, context, 1):6.2f}"]
-            for block_n in (16, 32, 64, 128):
-                for stages in (3, 5):
-                    def cfg(*args, block_n=block_n, stages=stages):
-                        c = original(*args)
+            for block_n in block_ns:
+                for stages in stage_counts:
+                    def cfg(*args, block_n=block_n, stages=stages, **kwargs):
+                        c = original(*args, **kwargs)
                         c.update(BLOCK_N=block_n, num_stages=stages)
                         return c
                     pa._launch_config = cfg
@@ -295,7 +297,9 @@ def short_context_sweep() -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--short-sweep", action="store_true", help="short-context decode: split-K tile sweep, then exit")
+    parser.add_argument("--short-sweep", action="store_true", help="small-batch decode: split-K tile sweep, then exit")
+    parser.add_argument("--contexts", default="128,256,512,1024", help="--short-sweep contexts")
+    parser.add_argument("--batches", default="1,4,16", help="--short-sweep batch sizes")
     parser.add_argument("--tune", action="store_true", help="sweep tile configs first")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--only-tune", action="store_true")
@@ -303,7 +307,8 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     if args.short_sweep:
-        short_context_sweep()
+        short_context_sweep(tuple(int(b) for b in args.batches.split(",")),
+                            tuple(int(c) for c in args.contexts.split(",")))
         return 0
     if args.tune or args.only_tune:
         print(f"copy bandwidth {copy_bandwidth_bytes_per_s() / 1e12:.2f} TB/s")

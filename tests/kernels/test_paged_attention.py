@@ -151,6 +151,11 @@ def test_split_k_head_dim_128(device: str) -> None:
     _check([1, 2], [257, 100], 4, 1, 128, 32, device, num_splits=4, seed=30)
 
 
+def test_split_k_tiles_inside_large_blocks(device: str) -> None:
+    """Split-K decode reads 32-token tiles: with 128-token blocks a tile starts inside a block."""
+    _check([1, 1], [300, 129], 4, 2, 64, 128, device, num_splits=3, seed=31)
+
+
 # ---- input validation -------------------------------------------------------------------------------------------
 def test_rejects_bad_inputs(device: str) -> None:
     q, kv_cache, table, qsl, sl = _batch([2], [5], 4, 2, 64, 16, device)
