@@ -54,6 +54,7 @@ def run_serve(args: argparse.Namespace, flat: dict[str, Any]) -> int:
     from kvflight.model.loader import load_tokenizer, resolve_model
     from kvflight.server.api import ServerSettings, build_app
     from kvflight.server.async_client import AsyncEngineClient, EngineStartError
+    from kvflight.server.engine_core import freeze_startup_objects
     from kvflight.server.metrics import ServerMetrics
 
     if args.max_queue_len < 1:
@@ -88,6 +89,7 @@ def run_serve(args: argparse.Namespace, flat: dict[str, Any]) -> int:
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                                timeout_graceful_shutdown=args.graceful_shutdown_timeout, lifespan="on")
     server = _DrainingServer.make(uv_config, app.state.kvflight)
+    freeze_startup_objects()
     # uvicorn re-raises the signal that stopped it once it has drained; these no-op handlers make that a clean exit
     # (code 0) instead of death by SIGTERM.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
