@@ -89,7 +89,8 @@ def main() -> int:
             print(f"{us:>9.1f} {calls:>6.1f} {us / max(calls, 1e-9):>8.2f}  {name[:110]}")
         rest = rows[args.rows:]
         if rest:
-            print(f"{sum(r[2] for r in rest):>9.1f} {sum(r[1] for r in rest):>6.1f} {'':>8}  ({len(rest)} more kernels)")
+            print(f"{sum(r[2] for r in rest):>9.1f} {sum(r[1] for r in rest):>6.1f} {'':>8}  "
+                  f"({len(rest)} more kernels)")
         eng.abort_requests(["b1"])
         eng.step()
         del llm, eng, runner

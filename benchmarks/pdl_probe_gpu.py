@@ -10,7 +10,8 @@ from triton.language.extra.cuda import gdc_wait, gdc_launch_dependents
 print("triton", triton.__version__)
 
 @triton.jit
-def gemv(w_ptr, x_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+def gemv(w_ptr, x_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+         EARLY: tl.constexpr):
     pid = tl.program_id(0)
     if PDL and EARLY:
         gdc_launch_dependents()
@@ -55,7 +56,8 @@ def run(mode, N=4096, K=4096, layers=64, with_norm=True, block_n=16, block_k=512
             gemv[(N // block_n,)](ws[i], b[i], a[i + 1], N, K, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, EARLY=early,
                                   num_warps=warps, num_stages=3, **kw)
             if with_norm:
-                norm[(1,)](a[i + 1], b[i + 1], N, BLOCK=triton.next_power_of_2(N), PDL=pdl, EARLY=early, num_warps=8, **kw)
+                norm[(1,)](a[i + 1], b[i + 1], N, BLOCK=triton.next_power_of_2(N), PDL=pdl, EARLY=early,
+                           num_warps=8, **kw)
             else:
                 b[i + 1] = a[i + 1]
     fwd(); torch.cuda.synchronize()

@@ -88,6 +88,7 @@ def rms_norm(
             x2, res2, weight, out, new_res,
             x2.stride(0), res2.stride(0), out.stride(0), new_res.stride(0),
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block), **pdl.launch_kwargs(x2, "rms_norm"),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+            **pdl.launch_kwargs(x2, "rms_norm"),
         )
     return out.view(x.shape), new_residual

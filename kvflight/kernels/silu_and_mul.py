@@ -48,5 +48,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(triton.next_power_of_2(inter), 1024)
         grid = (num_rows, triton.cdiv(inter, block))
         _silu_and_mul_kernel[grid](x2, out, x2.stride(0), out.stride(0), inter,
-                                   BLOCK=block, num_warps=max(1, min(8, block // 128)), **pdl.launch_kwargs(x2, "silu_and_mul"))
+                                   BLOCK=block, num_warps=max(1, min(8, block // 128)),
+                                   **pdl.launch_kwargs(x2, "silu_and_mul"))
     return out.view(*x.shape[:-1], inter)

@@ -7,11 +7,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from kvflight.kernels import pdl
 from kvflight.kernels.pdl import pdl_trigger, pdl_wait
-from triton.language.extra import libdevice
-
 from kvflight.kernels.reference import check_kv_write_shapes, kv_quant_name
 
 # 1.5 * 2**23: (y + M) - M rounds a float32 |y| < 2**22 to the nearest integer, ties even (the interpreter's
