@@ -11,7 +11,25 @@ from kvflight.kernels.pdl import pdl_trigger, pdl_wait
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_pair(x1, x2, cos, sin):
+    """The neox rotation of one half pair in float32: x1, x2 [..., HALF_BLOCK] -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    The one formula of the Triton RoPE (rotary.py and the fused rope_write_kv.py round alike)."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def load_cos_sin(cache_ptr, pos, cache_stride, half, HALF_BLOCK: tl.constexpr):
+    """cos and sin of position pos (int64) from a [max_position, 2 * half] cos | sin cache -> [1, HALF_BLOCK] float32
+    each (0 past half)."""
+    dims = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
+    dmask = dims < half
+    cos = tl.load(cache_ptr + pos * cache_stride + dims, mask=dmask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * cache_stride + half + dims, mask=dmask, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def rotate_heads(
     x_ptr, token, stride_t, stride_h, stride_d, num_heads, cos, sin, half,
     HEAD_BLOCK: tl.constexpr, HALF_BLOCK: tl.constexpr,
 ):
@@ -23,8 +41,7 @@ def _rotate_heads(
     second = first + half * stride_d  # x2 = dims [half, 2 * half)
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(second, mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos - x2 * sin
-    out2 = x2 * cos + x1 * sin
+    out1, out2 = rotate_pair(x1, x2, cos, sin)
     tl.store(first, out1.to(x_ptr.dtype.element_ty), mask=mask)
     tl.store(second, out2.to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -50,13 +67,10 @@ def _rotary_kernel(
     pdl_wait(PDL)
     token = tl.program_id(0).to(tl.int64)  # one program per token: all its q and k heads
     pos = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, HALF_BLOCK)[None, :]  # [1, HALF_BLOCK]
-    dmask = dims < half
-    cos = tl.load(cache_ptr + pos * cache_stride + dims, mask=dmask, other=0.0).to(tl.float32)  # [1, HALF_BLOCK]
-    sin = tl.load(cache_ptr + pos * cache_stride + half + dims, mask=dmask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, token, q_stride_t, q_stride_h, q_stride_d, num_q_heads, cos, sin, half,
+    cos, sin = load_cos_sin(cache_ptr, pos, cache_stride, half, HALF_BLOCK)  # [1, HALF_BLOCK] each
+    rotate_heads(q_ptr, token, q_stride_t, q_stride_h, q_stride_d, num_q_heads, cos, sin, half,
                   Q_HEAD_BLOCK, HALF_BLOCK)
-    _rotate_heads(k_ptr, token, k_stride_t, k_stride_h, k_stride_d, num_kv_heads, cos, sin, half,
+    rotate_heads(k_ptr, token, k_stride_t, k_stride_h, k_stride_d, num_kv_heads, cos, sin, half,
                   K_HEAD_BLOCK, HALF_BLOCK)
 
 

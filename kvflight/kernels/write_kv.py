@@ -20,6 +20,34 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def load_kv_scales(k_scale_ptr, v_scale_ptr, heads, num_kv_heads, scale_stride_h, QUANT: tl.constexpr):
+    """The K and V scales of `heads` [HEAD_BLOCK, 1] -> ks, vs [HEAD_BLOCK, 1] float32 (1.0 for a float cache)."""
+    if QUANT != 0:
+        head_ok = heads < num_kv_heads
+        ks = tl.load(k_scale_ptr + heads * scale_stride_h, mask=head_ok, other=1.0)
+        vs = tl.load(v_scale_ptr + heads * scale_stride_h, mask=head_ok, other=1.0)
+    else:
+        ks = tl.full(heads.shape, 1.0, tl.float32)
+        vs = tl.full(heads.shape, 1.0, tl.float32)
+    return ks, vs
+
+
+@triton.jit
+def store_kv(dst, x, mask, scale, QUANT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Store x (K or V rows, any float dtype) at the cache pointers dst: a plain cast for a float cache, else the
+    codes of reference.quantize_kv (x / scale clamped to +-127 and rounded half to even, or to +-448 in e4m3)."""
+    if QUANT != 0:
+        qmax = 127.0 if QUANT == 1 else 448.0
+        x = tl.minimum(tl.maximum(tl.div_rn(x.to(tl.float32), scale), -qmax), qmax)
+        if QUANT == 1:
+            if INTERPRETED:
+                x = (x + _RNE_MAGIC) - _RNE_MAGIC
+            else:
+                x = libdevice.rint(x)
+    tl.store(dst, x.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _write_kv_kernel(
     k_ptr,  # [T, Hkv, D]
     v_ptr,  # [T, Hkv, D]
@@ -54,22 +82,9 @@ def _write_kv_kernel(
     key = tl.load(k_ptr + token * k_stride_t + heads * k_stride_h + dims * k_stride_d, mask=mask)
     value = tl.load(v_ptr + token * v_stride_t + heads * v_stride_h + dims * v_stride_d, mask=mask)
     dst = cache_ptr + block * c_stride_block + offset * c_stride_off + heads * c_stride_h + dims * c_stride_d
-    if QUANT != 0:
-        head_ok = heads < num_kv_heads
-        ks = tl.load(k_scale_ptr + heads * scale_stride_h, mask=head_ok, other=1.0)  # [HEAD_BLOCK, 1]
-        vs = tl.load(v_scale_ptr + heads * scale_stride_h, mask=head_ok, other=1.0)
-        qmax = 127.0 if QUANT == 1 else 448.0
-        key = tl.minimum(tl.maximum(tl.div_rn(key.to(tl.float32), ks), -qmax), qmax)
-        value = tl.minimum(tl.maximum(tl.div_rn(value.to(tl.float32), vs), -qmax), qmax)
-        if QUANT == 1:
-            if INTERPRETED:
-                key = (key + _RNE_MAGIC) - _RNE_MAGIC
-                value = (value + _RNE_MAGIC) - _RNE_MAGIC
-            else:
-                key = libdevice.rint(key)
-                value = libdevice.rint(value)
-    tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + c_stride_kv, value.to(cache_ptr.dtype.element_ty), mask=mask)
+    ks, vs = load_kv_scales(k_scale_ptr, v_scale_ptr, heads, num_kv_heads, scale_stride_h, QUANT)
+    store_kv(dst, key, mask, ks, QUANT, INTERPRETED)
+    store_kv(dst + c_stride_kv, value, mask, vs, QUANT, INTERPRETED)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -86,21 +101,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
-    quant = kv_quant_name(kv_cache.dtype)
-    quant_args: dict = {}  # the plain-dtype launch uses the kernel's defaults (no scales, QUANT=0)
-    if quant is not None or k_scale is not None or v_scale is not None:
-        if quant is None or k_scale is None or v_scale is None:
-            raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
-                             "v_scale, and scales need a quantized cache")
-        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if t.dtype != torch.float32 or t.numel() not in (1, num_kv_heads) or t.numel() != k_scale.numel() \
-                    or t.device != kv_cache.device \
-                    or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
-                raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
-                                 f"or [1] on {kv_cache.device}")
-        quant_args = dict(k_scale_ptr=k_scale, v_scale_ptr=v_scale,
-                          scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0,
-                          QUANT=1 if quant == "int8" else 2)
+    quant_args = kv_quant_launch_args(kv_cache, k_scale, v_scale, num_kv_heads)
     _write_kv_kernel[(num_tokens,)](
         k, v, kv_cache, slot_mapping,
         k.stride(0), k.stride(1), k.stride(2),
@@ -113,3 +114,24 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         INTERPRETED=_INTERPRETED,
         **quant_args, **pdl.launch_kwargs(kv_cache, "write_kv"),
     )
+
+
+def kv_quant_launch_args(kv_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                         num_kv_heads: int) -> dict:
+    """Validated scale arguments of a KV-writing kernel (load_kv_scales / store_kv): {} for a float cache (the
+    kernel's defaults: no scales, QUANT=0), else the scale pointers, their head stride and QUANT (1 int8, 2 fp8)."""
+    quant = kv_quant_name(kv_cache.dtype)
+    if quant is None and k_scale is None and v_scale is None:
+        return {}
+    if quant is None or k_scale is None or v_scale is None:
+        raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
+                         "v_scale, and scales need a quantized cache")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t.dtype != torch.float32 or t.numel() not in (1, num_kv_heads) or t.numel() != k_scale.numel() \
+                or t.device != kv_cache.device \
+                or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
+            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
+                             f"or [1] on {kv_cache.device}")
+    return dict(k_scale_ptr=k_scale, v_scale_ptr=v_scale,
+                scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0,
+                QUANT=1 if quant == "int8" else 2)

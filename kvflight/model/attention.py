@@ -100,8 +100,27 @@ def positions_for(query_lens: Sequence[int], seq_lens: Sequence[int],
     return torch.tensor(pos, dtype=torch.int64, device=device)
 
 
+@dataclass(frozen=True, slots=True)
+class RotaryInputs:
+    """Neox RoPE that Attention applies to q and k before the K/V write; a backend that fuses it (triton, with a
+    cache) rotates inside its KV-write kernel, the others get q and k rotated by reference.rotary_embedding."""
+
+    positions: torch.Tensor  # [num_tokens] int64 (or int32)
+    cos_sin_cache: torch.Tensor  # [max_position, rotary_dim] float32: cos | sin
+    head_dim: int  # rotary_dim <= head_dim: dims past rotary_dim pass through
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.cos_sin_cache.shape[-1])
+
+    def apply_reference(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated copies (the slow path beside the fused kernel)."""
+        return reference.rotary_embedding(self.positions, q, k, self.cos_sin_cache, self.head_dim)
+
+
 # A backend: (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], kv_cache | None, meta, scale) -> out [T, Hq, D];
-# with a quantized cache (kv_cache_dtype int8 / fp8) it is also called with kv_scales=[2, Hkv] float32 (K row, V row)
+# with a quantized cache (kv_cache_dtype int8 / fp8) it is also called with kv_scales=[2, Hkv] float32 (K row, V row);
+# one registered with fuses_rotary=True is called with rotary=RotaryInputs (q and k not yet rotated) when it has a cache
 AttentionBackendFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", AttentionMetadata, float], torch.Tensor]
 
@@ -123,28 +142,37 @@ def _reference_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cac
 
 
 def _triton_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                    meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton KV write + one paged-attention launch for the whole mixed batch (CUDA-graph capturable)."""
-    from kvflight.kernels import paged_attention, write_kv
+                    meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None,
+                    rotary: RotaryInputs | None = None) -> torch.Tensor:
+    """Triton KV write (with RoPE fused into it when rotary is given: q and k rotated in place) + one paged-attention
+    launch for the whole mixed batch (CUDA-graph capturable)."""
+    from kvflight.kernels import paged_attention, rope_write_kv, write_kv
 
     if kv_cache is None or kv_cache.numel() == 0:
         raise ValueError("the triton attention backend needs a KV cache tensor (prefills write into it)")
-    if kv_scales is not None:
-        write_kv.write_kv_cache(k, v, kv_cache, meta.slot_mapping, kv_scales[0], kv_scales[1])
-        return paged_attention.paged_attention(q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                                               scale, max_query_len=meta.max_query_len, num_splits=meta.num_splits,
-                                               k_scale=kv_scales[0], v_scale=kv_scales[1])
-    write_kv.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    k_scale, v_scale = (None, None) if kv_scales is None else (kv_scales[0], kv_scales[1])  # [Hkv] float32 each
+    if rotary is not None:
+        rope_write_kv.rotary_write_kv_cache(rotary.positions, q, k, v, rotary.cos_sin_cache, rotary.head_dim,
+                                            kv_cache, meta.slot_mapping, k_scale, v_scale)
+    else:
+        write_kv.write_kv_cache(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
     return paged_attention.paged_attention(q, kv_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                                           scale, max_query_len=meta.max_query_len, num_splits=meta.num_splits)
+                                           scale, max_query_len=meta.max_query_len, num_splits=meta.num_splits,
+                                           k_scale=k_scale, v_scale=v_scale)
 
 
 _BACKENDS: dict[str, AttentionBackendFn] = {"reference": _reference_backend, "triton": _triton_backend}
+_FUSES_ROTARY: set[str] = {"triton"}  # backends that take rotary=RotaryInputs when they have a cache
 
 
-def register_attention_backend(name: str, fn: AttentionBackendFn) -> None:
-    """Make `name` selectable as Attention(backend=name) (Triton backends register themselves here)."""
+def register_attention_backend(name: str, fn: AttentionBackendFn, *, fuses_rotary: bool = False) -> None:
+    """Make `name` selectable as Attention(backend=name) (Triton backends register themselves here).
+    fuses_rotary: fn takes rotary=RotaryInputs (q, k unrotated) whenever it is given a non-empty KV cache."""
     _BACKENDS[name] = fn
+    if fuses_rotary:
+        _FUSES_ROTARY.add(name)
+    else:
+        _FUSES_ROTARY.discard(name)
 
 
 def attention_backends() -> tuple[str, ...]:
@@ -173,9 +201,23 @@ class Attention(nn.Module):
         if backend not in _BACKENDS:
             raise ValueError(f"unknown attention backend '{backend}'; available: {', '.join(_BACKENDS)}")
 
+    def fuses_rotary(self, kv_cache: torch.Tensor | None) -> bool:
+        """Whether forward(..., rotary=...) rotates inside the backend's KV write (triton with a cache: one launch
+        less per layer) rather than through reference.rotary_embedding first."""
+        return self.backend in _FUSES_ROTARY and kv_cache is not None and kv_cache.numel() > 0
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq, D], k / v [T, Hkv, D], kv_cache [2, num_blocks, tokens_per_block, Hkv, D] -> [T, Hq, D]."""
+                meta: AttentionMetadata, rotary: RotaryInputs | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k / v [T, Hkv, D], kv_cache [2, num_blocks, tokens_per_block, Hkv, D] -> [T, Hq, D].
+
+        rotary: RoPE still to apply to q and k (None: already rotated). A fusing backend rotates q and k in place;
+        otherwise they are rotated out of place by the reference first."""
+        kwargs: dict = {}
         if self.kv_scales is not None and kv_cache is not None and kv_cache.numel() > 0:
-            return _BACKENDS[self.backend](q, k, v, kv_cache, meta, self.scale, kv_scales=self.kv_scales)
-        return _BACKENDS[self.backend](q, k, v, kv_cache, meta, self.scale)
+            kwargs["kv_scales"] = self.kv_scales
+        if rotary is not None:
+            if self.fuses_rotary(kv_cache):
+                kwargs["rotary"] = rotary
+            else:
+                q, k = rotary.apply_reference(q, k)
+        return _BACKENDS[self.backend](q, k, v, kv_cache, meta, self.scale, **kwargs)

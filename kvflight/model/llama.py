@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from kvflight.model.arch import ModelArch
-from kvflight.model.attention import Attention, AttentionMetadata
+from kvflight.model.attention import Attention, AttentionMetadata, RotaryInputs
 from kvflight.model.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -86,8 +86,12 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)[0]
             k = self.k_norm(k)[0]
-        q, k = rotary(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
+        if self.attn.fuses_rotary(kv_cache):  # triton with a cache: RoPE inside the K/V write kernel
+            fused = RotaryInputs(positions, rotary.cos_sin_cache, rotary.head_dim)
+            out = self.attn(q, k, v, kv_cache, meta, rotary=fused)  # [T, Hq, D]
+        else:  # reference backend, or no cache (profiling, calibration): q, k rotated first, as the hooks expect
+            q, k = rotary(positions, q, k)
+            out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))  # [T, hidden]
 
 
