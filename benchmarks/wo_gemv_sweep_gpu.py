@@ -2,13 +2,14 @@
 Llama-3.1-8B linears at one row: weight bandwidth as a share of the copy bandwidth measured in the same run,
 timed as CUDA graphs of 20 launches. Run on the device machine:
 
-    python benchmarks/wo_gemv_sweep_gpu.py [--kinds int4,fp8,int8] 
+    python benchmarks/wo_gemv_sweep_gpu.py [--kinds int4,fp8,int8] [--quick] [--shapes qkv,o] [--block-ns 32,64]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 
 import torch
 
@@ -30,7 +31,12 @@ def main() -> int:
     ap.add_argument("--kinds", default="int4,fp8,int8")
     ap.add_argument("--tokens", default="1")
     ap.add_argument("--top", type=int, default=6, help="configs of the first token count retried at the others")
+    ap.add_argument("--quick", action="store_true", help="a smaller config grid (36 4-bit / 27 8-bit configs)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="linears to time: " + ",".join(SHAPES))
+    ap.add_argument("--block-ns", default="", help="block_n values to sweep (comma list)")
+    ap.add_argument("--block-ks", default="", help="block_k values to sweep (comma list)")
     args = ap.parse_args()
+    asm = os.environ.get("KVFLIGHT_GEMV_ASM", "1") != "0"  # 4-bit: the PTX chain (KVFLIGHT_GEMV_ASM=0: Triton unpack)
     bw = copy_bandwidth_bytes_per_s()
     print(f"device {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     print(f"{'kind':<5} {'linear':<8} {'M':>2} {'matmul kernel':>17} {'gemv default':>17} {'gemv best':>17}  "
@@ -39,9 +45,21 @@ def main() -> int:
     for kind in args.kinds.split(","):
         block_ks = (64, 128) if kind == "int4" else (128, 256, 512)
         block_ns = (16, 32, 64, 128) if kind == "int4" else (8, 16, 32)
+        splits, launches = (1, 2, 4, 8), ((4, 3), (4, 4), (8, 3))
+        if kind == "int4" and asm:
+            block_ks = (128, 256, 512)  # the PTX chain's tiles may span whole groups
+        if args.block_ks:
+            block_ks = tuple(int(b) for b in args.block_ks.split(","))
+        if args.block_ns:
+            block_ns = tuple(int(b) for b in args.block_ns.split(","))
+        if args.quick:
+            block_ns = block_ns[1:]
+            splits, launches = (2, 4, 8) if kind == "int4" else (1, 2, 4), ((4, 3), (8, 3))
         grid = [GemvConfig(bn, bk, sp, w, st) for bn, bk, sp, (w, st) in
-                itertools.product(block_ns, block_ks, (1, 2, 4, 8), ((4, 3), (4, 4), (8, 3)))]
+                itertools.product(block_ns, block_ks, splits, launches)]
         for name, (n, k) in SHAPES.items():
+            if name not in args.shapes.split(","):
+                continue
             weights, nbytes = make_weights(kind, n, k)
             wd = dequantized(kind, weights)
             # copies enough to overflow the 50 MB L2: each launch of a graph reads another copy, as a decode step
@@ -67,7 +85,8 @@ def main() -> int:
                     try:
                         out = gemv(kind, x, weights, cfg)
                         if not torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2):
-                            print(f"  {kind} {name} {tuple(cfg)}: WRONG (max err {(out.float() - ref).abs().max():.3g})")
+                            err = (out.float() - ref).abs().max()
+                            print(f"  {kind} {name} {tuple(cfg)}: WRONG (max err {err:.3g})")
                             continue
                         results.append((graph_time_us(rotating(gemv, cfg)), cfg))
                     except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
@@ -80,9 +99,9 @@ def main() -> int:
                 def pct(t: float) -> str:
                     return f"{t:7.1f}us {nbytes / (t * 1e-6) / bw:5.0%}bw"
 
+                default = choose_gemv_config(m, n, k, 4 if kind == "int4" else 8, asm=kind == "int4" and asm)
                 print(f"{kind:<5} {name:<8} {m:>2} {pct(t_mm):>17} {pct(t_def):>17} {pct(best_t):>17}  "
-                      f"{tuple(best_cfg) if best_cfg else '-'}  default {tuple(choose_gemv_config(m, n, k, 4 if kind == 'int4' else 8))}",
-                      flush=True)
+                      f"{tuple(best_cfg) if best_cfg else '-'}  default {tuple(default)}", flush=True)
             del weights, wd, copies
             torch.cuda.empty_cache()
     return 0

@@ -7,13 +7,20 @@ cached) activation row on the CUDA cores into a float32 accumulator per lane tha
 loop: per weight an unpack, a convert and a few multiply-adds, no reduction inside the loop.
 
 4-bit (reference.w4a16_matmul layout: byte j of a row = code of column 2j in the low nibble, 2j + 1 in the high one):
-the rows are read as little-endian 32-bit words, nibble i of word w being column 8w + i; a code becomes a float by
-or-ing it into the mantissa of 2^23 (int-to-float converts run at a quarter of the FMA rate and were the bottleneck);
-each tile lies inside one group, so one zero point and one scale per channel apply to it. With bf16 / fp16
-activations the codes become 16-bit floats the same way (128.0 / 1024.0 as the base) and each word's 8 products are
-summed in that dtype with packed x2 arithmetic (on a GPU, two codes per 32-bit mask: nibbles j and j + 4 land in the
-two halves of one register); a word's sum then joins the float32 accumulator. This costs about 0.4% of the output's
-norm in error against 0.2% for rounding the output to bf16 (GPU test), and made the 8B int4 decode ~6% faster.
+the rows are read as little-endian 32-bit words, nibble i of word w being column 8w + i.
+- On a GPU with bf16 / fp16 activations (the decode path): each word goes through one PTX chain (_asm_word_chain) that
+  loads the word's 8 activations (16 bytes, read-only cache), builds two codes per register with a byte permute and a
+  lop3 into the mantissa of a 16-bit MAGIC (128.0 / 1024.0: MAGIC + code exactly), subtracts MAGIC + zero (exact)
+  and multiply-adds with packed x2 arithmetic; the word's sum (two halves of 4 products each) joins a float32
+  accumulator with the group's scale. A tile spans whole groups ([BLOCK_N, GT, WPG] words, one scale / zero per row
+  and group) or lies inside one. Weight loads are marked evict-first (streamed once per step). H100 sweep, % of copy
+  bandwidth at one row (benchmarks/wo_gemv_sweep_gpu.py), Triton unpack -> this chain: qkv 41 -> 48, o 34 -> 40,
+  gate_up 58 -> 71, down 47 -> 60; with the same loads and no arithmetic gate_up streams at 91%, with the arithmetic
+  but a constant x at 82%: the chain's instructions and the x loads are what is left. Error: about 0.4% of the
+  output's norm against 0.2% for rounding the output to bf16 (GPU test).
+- Elsewhere (the interpreter, float32 activations): a code becomes a float by or-ing it into the mantissa of 2^23
+  (int-to-float converts run at a quarter of the FMA rate); 16-bit activations use the 16-bit MAGIC the same way and
+  sum each word's 8 products in that dtype. Tiles lie inside one group.
 
 8-bit (int8, or float8 e4m3 bytes): the per-channel scale multiplies the final sum. With SPLIT_K > 1 each K stretch
 stores its partial sums and the last one to finish a column block adds them and writes the output
@@ -34,6 +41,33 @@ from kvflight.kernels.pdl import pdl_trigger, pdl_wait
 from kvflight.kernels.w8a16_matmul import split_k_buffers, split_k_store
 
 GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or dequantize + cuBLAS)
+
+
+def _asm_word_chain(fma: str, magic: str, one: str, to_f32: str, regs: str = "") -> str:
+    """PTX for one 32-bit word of 8 codes (reference layout: nibble i = column 8w + i): $1 the word, $2 the address
+    of x's 16 bytes for the word (columns 8w .. 8w + 7: pair m = columns 8w + 2m, 8w + 2m + 1 in one register),
+    loaded through the read-only cache; $3 -(MAGIC + zero) in both halves; $0 the float32 bits of
+    sum_i (code_i - zero) * x_i. Pair m: the low nibbles of byte m of the word (column 2m) and of byte m of the
+    word >> 4 (column 2m + 1) move into the two halves by one byte permute, are or-ed into the mantissa of MAGIC by
+    one lop3, shifted by -(MAGIC + zero) (exact) and multiplied into a packed accumulator: 4 instructions per 2
+    weights. The accumulator's two halves (4 products each) are added in float32."""
+    lines = ["{", ".reg .b32 s, t, p, a, one, zero, x0, x1, x2, x3;", *([regs] if regs else []),
+             "ld.global.nc.v4.b32 {x0, x1, x2, x3}, [$2];", f"mov.b32 one, {one};", "mov.b32 zero, 0;",
+             "shr.u32 s, $1, 4;"]
+    for m in range(4):
+        lines += [f"prmt.b32 t, $1, s, {0x0400 + 0x0101 * m:#06x};",
+                  f"lop3.b32 p, t, 0x000F000F, {magic}, 0xEA;",
+                  f"fma.rn.{fma} p, p, one, $3;",
+                  f"fma.rn.{fma} a, p, x{m}, {'zero' if m == 0 else 'a'};"]
+    return "\n".join(lines + [to_f32, "}"])
+
+
+_ASM_BF16 = tl.constexpr(_asm_word_chain(
+    "bf16x2", "0x43004300", "0x3F803F80", "shl.b32 t, a, 16;\nand.b32 s, a, 0xFFFF0000;\nadd.f32 $0, t, s;"))
+_ASM_FP16 = tl.constexpr(_asm_word_chain(
+    "f16x2", "0x64006400", "0x3C003C00",
+    "mov.b32 {h0, h1}, a;\ncvt.f32.f16 f0, h0;\ncvt.f32.f16 f1, h1;\nadd.f32 f0, f0, f1;\nmov.b32 $0, f0;",
+    ".reg .b16 h0, h1;\n.reg .f32 f0, f1;"))
 
 
 @triton.jit
@@ -63,6 +97,8 @@ def _wo_gemv_kernel(
     HALF: tl.constexpr = False,  # 4-bit with 16-bit activations: sum each word's 8 products in the activation dtype
     PAIRS: tl.constexpr = False,  # HALF on a GPU: unpack two codes per 32-bit operation (PTX; not interpretable)
     PDL: tl.constexpr = False,  # programmatic dependent launch: the first weight tile loads before the wait
+    ASM: tl.constexpr = False,  # 4-bit, 16-bit activations on a GPU: the PTX word chain (_ASM_BF16 / _ASM_FP16)
+    xw_ptr=None,  # ASM: x's storage as [K / 2] int32, two activations per word (columns 2m, 2m + 1)
 ):
     pdl_trigger(PDL)
     pid_n = tl.program_id(0)
@@ -70,12 +106,49 @@ def _wo_gemv_kernel(
     HALF_MATH: tl.constexpr = HALF and (x_ptr.dtype.element_ty == tl.bfloat16 or x_ptr.dtype.element_ty == tl.float16)
     MAGIC_BITS: tl.constexpr = 0x4300 if x_ptr.dtype.element_ty == tl.bfloat16 else 0x6400
     MAGIC_VALUE: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
+    NEG_MAGIC_BITS: tl.constexpr = 0xC300 if x_ptr.dtype.element_ty == tl.bfloat16 else 0xE400
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN] output channels
     n_mask = rn < N
     k_per_split = tl.cdiv(K, BLOCK_K * SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if BITS == 4:
+    if BITS == 4 and ASM:  # a GPU with 16-bit activations: one PTX chain per word, packed x2 math end to end
+        # a tile spans GT whole groups (or lies inside one): [BN, GT, WPG] words, one scale / zero per (row, group)
+        GT: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K >= GROUP_SIZE else 1
+        WPG: tl.constexpr = (GROUP_SIZE if BLOCK_K >= GROUP_SIZE else BLOCK_K) // 8
+        rg = tl.arange(0, GT)  # [GT] groups inside the tile
+        rw = tl.arange(0, WPG)  # [WPG] words inside a group's stretch of the tile
+        acc = tl.zeros((BLOCK_N, GT, WPG), dtype=tl.float32)  # per-lane partial sums, reduced once at the end
+        n3 = rn[:, None, None]
+        m3 = n_mask[:, None, None]
+        for k0 in range(k_start, k_end, BLOCK_K):
+            ww = k0 // 8 + rg[:, None] * WPG + rw[None, :]  # [GT, WPG] word columns: word w = columns 8w .. 8w + 7
+            group = k0 // GROUP_SIZE + rg  # [GT]
+            g_mask = group < K // GROUP_SIZE  # a last tile may reach past K: its missing groups read as zeros
+            words = tl.load(w_ptr + n3 * stride_wn + ww[None, :, :], mask=m3 & g_mask[None, :, None], other=0,
+                            eviction_policy="evict_first")  # [BN, GT, WPG] int32
+            sz_mask = n_mask[:, None] & g_mask[None, :]
+            scale = tl.load(scales_ptr + rn[:, None] * stride_sn + group[None, :], mask=sz_mask,
+                            other=0.0).to(tl.float32)  # [BN, GT]
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + rn[:, None] * stride_zn + group[None, :], mask=sz_mask,
+                               other=0).to(tl.int32)  # [BN, GT]
+            else:
+                zero = tl.full((BLOCK_N, GT), 8, dtype=tl.int32)
+            # -(MAGIC + zero) twice in one register: the 16-bit float of MAGIC + z has z in its mantissa
+            negoff = tl.broadcast_to(((zero | NEG_MAGIC_BITS) * 65537)[:, :, None], (BLOCK_N, GT, WPG))
+            if k0 == k_start:  # weights only so far: wait for the kernel that wrote x before the chain reads it
+                pdl_wait(PDL)
+            # x's 16 bytes for each word come through the read-only cache inside the chain (a missing group's
+            # word reads word 0 of x: finite, times a zero scale)
+            x_addr = tl.broadcast_to((xw_ptr + 4 * tl.where(g_mask[:, None], ww, 0)).to(tl.int64)[None, :, :],
+                                     (BLOCK_N, GT, WPG))  # [BN, GT, WPG] int64 addresses
+            part = tl.inline_asm_elementwise(_ASM_BF16 if x_ptr.dtype.element_ty == tl.bfloat16 else _ASM_FP16,
+                                             "=r,r,l,r", [words, x_addr, negoff], dtype=tl.int32, is_pure=True,
+                                             pack=1)  # [BN, GT, WPG] float32 bits: sum_i (code_i - zero) x_i
+            acc += part.to(tl.float32, bitcast=True) * scale[:, :, None]
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+    elif BITS == 4:
         pdl_wait(PDL)  # (4-bit calls launch without PDL: see wo_gemv)
         WORDS: tl.constexpr = BLOCK_K // 8
         rw = tl.arange(0, WORDS)  # [BK / 8] 32-bit words inside the tile: word w holds columns 8w .. 8w + 7
@@ -128,7 +201,8 @@ def _wo_gemv_kernel(
             kk = k0 + rk  # [BK]
             k_mask = kk < K
             w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0)  # [BN, BK] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
+                        other=0, eviction_policy="evict_first")
+            # [BN, BK] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
             if W_FP8:
                 w = w.to(tl.float8e4nv, bitcast=True)
             if k0 == k_start:  # weights only so far: wait for the kernel that wrote x before the first x load
@@ -152,17 +226,26 @@ class GemvConfig(NamedTuple):
     num_stages: int = 4
 
 
-def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128) -> GemvConfig:
+def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128, asm: bool = False) -> GemvConfig:
     """The launch for one call: the best configs of an H100 sweep on the Llama-8B linears, weights rotated past L2
     (benchmarks/wo_gemv_sweep_gpu.py; % of copy bandwidth, GEMV vs the tensor-core matmul kernel at one row):
-    4-bit qkv 41 vs 23, o 34 vs 18, gate_up 58 vs 30, down 47 vs 25; fp8 qkv 73 vs 47, o 62 vs 44, gate_up 93 vs 87,
-    down 81 vs 71. (int8 gains only on o: it stays on the matmul kernel.)"""
+    4-bit (the PTX chain, asm=True) qkv 48 vs 25, o 40 vs 20, gate_up 71 vs 26, down 60 vs 25; fp8 qkv 81 vs 47,
+    o 71 vs 45, gate_up 96 vs 87, down 85 vs 77. (int8 gains only on o: it stays on the matmul kernel.)"""
+    if bits == 4 and asm:  # tiles of two groups where the linear is wide enough
+        wide = 2 * group_size
+        if N >= 16384:
+            return GemvConfig(128, wide, 4, 4, 3)
+        if K >= 8192:
+            return GemvConfig(64, wide, 8, 8, 3)
+        return GemvConfig(128, group_size, 8, 8, 3) if N > K else GemvConfig(32, wide, 8, 4, 3)
     if bits == 4:
         block_k = min(group_size, 128)
         return GemvConfig(64, block_k, 8, 4, 3) if N >= 16384 else GemvConfig(128, block_k, 8, 8, 3)
     if N >= 16384:
         return GemvConfig(16, 256, 1, 4, 4)
-    return GemvConfig(32, 512, 2, 8, 3) if K >= 8192 else GemvConfig(8, 512, 1, 8, 3)
+    if K >= 8192:
+        return GemvConfig(32, 256, 4, 4, 3)
+    return GemvConfig(16, 512, 1, 8, 3) if N > K else GemvConfig(16, 512, 2, 4, 3)
 
 
 def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
@@ -206,9 +289,19 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         w = w.view(torch.int32)  # [N, K / 8]: K is a multiple of the group size (>= 32)
     sc = scales if scales.stride(-1) == 1 else scales.contiguous()
     zr = None if zeros is None else (zeros if zeros.stride(-1) == 1 else zeros.contiguous())
-    cfg = config or choose_gemv_config(M, N, K, bits, group_size or 128)
-    if bits == 4 and group_size % cfg.block_k:
-        raise ValueError(f"wo_gemv: block_k={cfg.block_k} must divide group_size={group_size}")
+    # the PTX word chain: 4-bit codes, 16-bit activations, a compiled GPU kernel (KVFLIGHT_GEMV_ASM=0: the Triton
+    # unpack below it, the interpreter's path)
+    use_asm = (bits == 4 and x2.dtype in (torch.bfloat16, torch.float16) and x2.is_cuda
+               and os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("KVFLIGHT_GEMV_ASM", "1") != "0")
+    xw = None
+    if use_asm:
+        if x2.data_ptr() % 4:
+            x2 = x2.clone()
+        xw = x2.view(torch.int32)  # [M, K / 2]: K is a multiple of the group size
+    cfg = config or choose_gemv_config(M, N, K, bits, group_size or 128, asm=use_asm)
+    if bits == 4 and group_size % cfg.block_k and (not use_asm or cfg.block_k % group_size):
+        raise ValueError(f"wo_gemv: block_k={cfg.block_k} must divide group_size={group_size}"
+                         + ("" if not use_asm else " or be a multiple of it"))
     num_blocks = triton.cdiv(N, cfg.block_n)
     out, partial, counters = split_k_buffers(M, N, cfg.split_k, num_blocks, x2)
     if M > 0 and N > 0:
@@ -219,10 +312,12 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HALF=bits == 4 and x2.dtype in (torch.bfloat16, torch.float16),
-            PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+
+            PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", ASM=use_asm, xw_ptr=xw,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            # 8-bit: PDL, the first weight tile loads while the kernel ahead ends (fp8 8B batch-1 decode graph
-            # 3.73 -> 3.47 ms on an H100 with the other decode kernels' PDL); 4-bit: a plain launch (with PDL the
-            # int4 graph went 3.43 -> 3.92 ms, waiting before the loop or after the first tile alike)
-            **(pdl.launch_kwargs(x2, "wo_gemv") if bits == 8 else {"PDL": False}))
+            # PDL: the first weight tile (and its scales) loads while the kernel ahead ends (8B batch-1 decode graph
+            # on an H100 with the other decode kernels' PDL: fp8 3.73 -> 3.47 ms; int4 with the PTX chain 2.99 ->
+            # 2.89 ms); the 4-bit Triton unpack launches plainly (with PDL its graph went 3.43 -> 3.92 ms)
+            **(pdl.launch_kwargs(x2, "wo_gemv") if bits == 8 else
+               pdl.launch_kwargs(x2, "wo_gemv4") if use_asm else {"PDL": False}))
     return out.view(*x.shape[:-1], N)

@@ -274,3 +274,35 @@ def test_gemv_4bit_16bit_activations(dtype: torch.dtype, device: str) -> None:
     ref = reference.w4a16_matmul(x.to(dtype).float(), qweight, scales, zeros, group)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float().cpu(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_zeros", [True, False])
+def test_gemv_4bit_ptx_chain_tiles_across_groups_on_gpu(dtype: torch.dtype, with_zeros: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PTX word chain (16-bit activations on a GPU): tiles of 1, 2 and 4 groups over 11 groups (a last tile
+    partly past K), split K, x starting at an odd element (its pairs are re-aligned), bias; against the float32
+    reference and against the Triton unpack path (KVFLIGHT_GEMV_ASM=0)."""
+    from kvflight.kernels.wo_gemv import GemvConfig, wo_gemv
+
+    g = torch.Generator().manual_seed(11)
+    n, group = 40, 64
+    k = 11 * group
+    x_storage = torch.randn(1, k + 1, generator=g).to(dtype).cuda()
+    x = x_storage[:, 1:]  # data_ptr % 4 == 2
+    qweight, scales, zeros = (t.cuda() for t in _w4(n, k, group, g))
+    zeros = zeros if with_zeros else None
+    bias = torch.randn(n, generator=g).to(dtype).cuda()
+    ref = reference.w4a16_matmul(x.float(), qweight, scales, zeros, group, bias.float())
+    for cfg in (GemvConfig(16, 64, 1), GemvConfig(16, 128, 3), GemvConfig(32, 256, 2, 4, 3)):
+        out = wo_gemv(x, qweight, scales, zeros, group, bias, config=cfg)
+        assert out.dtype == dtype and out.shape == (1, n)
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, f"{cfg}: relative error {rel:.4f}"
+        if cfg.block_k <= group:
+            monkeypatch.setenv("KVFLIGHT_GEMV_ASM", "0")
+            plain = wo_gemv(x, qweight, scales, zeros, group, bias, config=cfg)
+            monkeypatch.delenv("KVFLIGHT_GEMV_ASM")
+            rel_plain = ((out.float() - plain.float()).norm() / ref.norm()).item()
+            assert rel_plain < 1e-2, f"{cfg}: PTX chain vs Triton unpack {rel_plain:.4f}"
