@@ -32,6 +32,9 @@ MAX_NUM_SPLITS = 128  # the merge kernel loads all splits' statistics of one row
 _SPLIT_MODES = ("auto", "on", "off")
 # multi_block_mode "auto": split only when every segment still reads at least this many KV tokens
 MIN_TOKENS_PER_SPLIT = 256
+# ... and only from this context length on (H100, batch 1, 8 KV heads, 32-token split tiles, us per call no split /
+# split: 256 tokens 6.8 / 7.1, 384 tokens 8.2 / 6.8, 512 tokens 9.8 / 8.1; batch 4 at 384: 9.3 / 8.8)
+AUTO_SPLIT_MIN_SEQ_LEN = 384
 # ... and aim for this many programs per SM (programs = num_seqs * num_kv_heads * num_splits)
 TARGET_PROGRAMS_PER_SM = 4
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -452,8 +455,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
               max_seq_len is known, no more than one segment per MIN_TOKENS_PER_SPLIT tokens (still >= 2).
     "auto" -> 1 unless the batch is decode-only (max_query_len <= 1) and num_seqs * num_kv_heads <= num_sms / 2
               (over half the SMs would sit idle; at 128 programs on 132 SMs the H100 already reads at ~87% of
-              copy bandwidth and splitting was slower) and, when max_seq_len is known, max_seq_len >= 2 * MIN_TOKENS_PER_SPLIT
-              (long contexts); then as "on". max_seq_len None (unknown, e.g. under CUDA-graph capture) decides
+              copy bandwidth and splitting was slower) and, when max_seq_len is known, max_seq_len >=
+              AUTO_SPLIT_MIN_SEQ_LEN (longer contexts); then as "on". max_seq_len None (unknown, e.g. under CUDA-graph capture) decides
               from the batch shape only.
     The result is in [1, MAX_NUM_SPLITS].
     """
@@ -468,7 +471,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     if mode == "auto":
         if max_query_len > 1 or 2 * programs > num_sms:
             return 1
-        if max_seq_len is not None and max_seq_len < 2 * MIN_TOKENS_PER_SPLIT:
+        if max_seq_len is not None and max_seq_len < AUTO_SPLIT_MIN_SEQ_LEN:
             return 1
     splits = math.ceil(TARGET_PROGRAMS_PER_SM * num_sms / programs)
     if max_seq_len is not None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvflight.kernels import reference
-from kvflight.kernels.paged_attention import (MAX_NUM_SPLITS, MIN_TOKENS_PER_SPLIT, TARGET_PROGRAMS_PER_SM,
-                                              choose_num_splits, paged_attention)
+from kvflight.kernels.paged_attention import (AUTO_SPLIT_MIN_SEQ_LEN, MAX_NUM_SPLITS, MIN_TOKENS_PER_SPLIT,
+                                              TARGET_PROGRAMS_PER_SM, choose_num_splits, paged_attention)
 
 F32 = dict(atol=2e-5, rtol=2e-5)
 POISON = 12345.0
@@ -191,7 +191,8 @@ def test_choose_num_splits_rules() -> None:
     assert choose_num_splits(64, 8, 1, 8192, sms, "auto") == 1  # 512 programs >= 132 SMs
     assert choose_num_splits(16, 8, 1, 8192, sms, "auto") == 1  # 128 programs > 132 / 2: SMs mostly busy
     assert choose_num_splits(9, 8, 1, 8192, sms, "auto") == 1  # 72 > 66
-    assert choose_num_splits(1, 8, 1, 2 * MIN_TOKENS_PER_SPLIT - 1, sms, "auto") == 1
+    assert choose_num_splits(1, 8, 1, AUTO_SPLIT_MIN_SEQ_LEN - 1, sms, "auto") == 1
+    assert choose_num_splits(1, 8, 1, AUTO_SPLIT_MIN_SEQ_LEN, sms, "auto") == 2  # at least 2 segments
     # auto, decode, idle SMs, long context: fill the SMs, at most one segment per MIN_TOKENS_PER_SPLIT tokens
     batch1 = choose_num_splits(1, 8, 1, 8192, sms, "auto")
     assert batch1 == min(math.ceil(TARGET_PROGRAMS_PER_SM * sms / 8), 8192 // MIN_TOKENS_PER_SPLIT) == 32
