@@ -9,7 +9,7 @@ loop: per weight an unpack, a convert and a few multiply-adds, no reduction insi
 4-bit (reference.w4a16_matmul layout: byte j of a row = code of column 2j in the low nibble, 2j + 1 in the high one):
 the rows are read as little-endian 32-bit words, nibble i of word w being column 8w + i.
 - On a GPU with bf16 / fp16 activations (the decode path): each word goes through one PTX chain (_asm_word_chain) that
-  loads the word's 8 activations (16 bytes, read-only cache), builds two codes per register with a byte permute and a
+  loads the word's 8 activations (16 bytes), builds two codes per register with a byte permute and a
   lop3 into the mantissa of a 16-bit MAGIC (128.0 / 1024.0: MAGIC + code exactly), subtracts MAGIC + zero (exact)
   and multiply-adds with packed x2 arithmetic; the word's sum (two halves of 4 products each) joins a float32
   accumulator with the group's scale. A tile spans whole groups ([BLOCK_N, GT, WPG] words, one scale / zero per row
@@ -22,7 +22,8 @@ the rows are read as little-endian 32-bit words, nibble i of word w being column
   (int-to-float converts run at a quarter of the FMA rate); 16-bit activations use the 16-bit MAGIC the same way and
   sum each word's 8 products in that dtype. Tiles lie inside one group.
 
-8-bit (int8, or float8 e4m3 bytes): the per-channel scale multiplies the final sum. With SPLIT_K > 1 each K stretch
+8-bit (int8, or float8 e4m3 bytes): int8 codes become floats through the 2^23 mantissa as well (an int-to-float
+convert runs at an eighth of the FMA rate on sm_90); the per-channel scale multiplies the final sum. With SPLIT_K > 1 each K stretch
 stores its partial sums and the last one to finish a column block adds them and writes the output
 (w8a16_matmul.split_k_store): one launch per call.
 """
@@ -45,14 +46,15 @@ GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or
 
 def _asm_word_chain(fma: str, magic: str, one: str, to_f32: str, regs: str = "") -> str:
     """PTX for one 32-bit word of 8 codes (reference layout: nibble i = column 8w + i): $1 the word, $2 the address
-    of x's 16 bytes for the word (columns 8w .. 8w + 7: pair m = columns 8w + 2m, 8w + 2m + 1 in one register),
-    loaded through the read-only cache; $3 -(MAGIC + zero) in both halves; $0 the float32 bits of
+    of x's 16 bytes for the word (columns 8w .. 8w + 7: pair m = columns 8w + 2m, 8w + 2m + 1 in one register;
+    a coherent load, not .nc: under PDL x is written by the kernel ahead while this one runs, and ptxas may hoist a
+    non-coherent load above the wait); $3 -(MAGIC + zero) in both halves; $0 the float32 bits of
     sum_i (code_i - zero) * x_i. Pair m: the low nibbles of byte m of the word (column 2m) and of byte m of the
     word >> 4 (column 2m + 1) move into the two halves by one byte permute, are or-ed into the mantissa of MAGIC by
     one lop3, shifted by -(MAGIC + zero) (exact) and multiplied into a packed accumulator: 4 instructions per 2
     weights. The accumulator's two halves (4 products each) are added in float32."""
     lines = ["{", ".reg .b32 s, t, p, a, one, zero, x0, x1, x2, x3;", *([regs] if regs else []),
-             "ld.global.nc.v4.b32 {x0, x1, x2, x3}, [$2];", f"mov.b32 one, {one};", "mov.b32 zero, 0;",
+             "ld.global.v4.b32 {x0, x1, x2, x3}, [$2];", f"mov.b32 one, {one};", "mov.b32 zero, 0;",
              "shr.u32 s, $1, 4;"]
     for m in range(4):
         lines += [f"prmt.b32 t, $1, s, {0x0400 + 0x0101 * m:#06x};",
@@ -139,12 +141,13 @@ def _wo_gemv_kernel(
             negoff = tl.broadcast_to(((zero | NEG_MAGIC_BITS) * 65537)[:, :, None], (BLOCK_N, GT, WPG))
             if k0 == k_start:  # weights only so far: wait for the kernel that wrote x before the chain reads it
                 pdl_wait(PDL)
-            # x's 16 bytes for each word come through the read-only cache inside the chain (a missing group's
+            # x's 16 bytes for each word are loaded inside the chain (a missing group's
             # word reads word 0 of x: finite, times a zero scale)
             x_addr = tl.broadcast_to((xw_ptr + 4 * tl.where(g_mask[:, None], ww, 0)).to(tl.int64)[None, :, :],
                                      (BLOCK_N, GT, WPG))  # [BN, GT, WPG] int64 addresses
+            # not pure: the chain loads x, so it must stay after the PDL wait above
             part = tl.inline_asm_elementwise(_ASM_BF16 if x_ptr.dtype.element_ty == tl.bfloat16 else _ASM_FP16,
-                                             "=r,r,l,r", [words, x_addr, negoff], dtype=tl.int32, is_pure=True,
+                                             "=r,r,l,r", [words, x_addr, negoff], dtype=tl.int32, is_pure=False,
                                              pack=1)  # [BN, GT, WPG] float32 bits: sum_i (code_i - zero) x_i
             acc += part.to(tl.float32, bitcast=True) * scale[:, :, None]
         total = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
@@ -204,11 +207,15 @@ def _wo_gemv_kernel(
                         other=0, eviction_policy="evict_first")
             # [BN, BK] int8 (fp8 codes travel as their bytes: a masked 0 byte is +0.0)
             if W_FP8:
-                w = w.to(tl.float8e4nv, bitcast=True)
+                wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:  # int8 -> float without an int-to-float convert (an eighth of the FMA rate on sm_90): the byte
+                # + 128 in the low mantissa bits of 2^23 is exactly 2^23 + 128 + w (one lop3), less 2^23 + 128
+                wf = ((w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True)
+                wf = wf - 8388736.0
             if k0 == k_start:  # weights only so far: wait for the kernel that wrote x before the first x load
                 pdl_wait(PDL)
             x = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
-            acc += w.to(tl.float32) * x[None, :]
+            acc += wf * x[None, :]
         scale = tl.load(scales_ptr + rn, mask=n_mask, other=0.0)  # [BN] float32
         total = tl.sum(acc, axis=1) * scale
     pdl_wait(PDL)  # (a program with no K to cover never waited in the loop) before anything is written
@@ -230,7 +237,8 @@ def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128,
     """The launch for one call: the best configs of an H100 sweep on the Llama-8B linears, weights rotated past L2
     (benchmarks/wo_gemv_sweep_gpu.py; % of copy bandwidth, GEMV vs the tensor-core matmul kernel at one row):
     4-bit (the PTX chain, asm=True) qkv 48 vs 25, o 40 vs 20, gate_up 71 vs 26, down 60 vs 25; fp8 qkv 81 vs 47,
-    o 71 vs 45, gate_up 96 vs 87, down 85 vs 77. (int8 gains only on o: it stays on the matmul kernel.)"""
+    o 71 vs 45, gate_up 96 vs 87, down 85 vs 77; int8 (codes converted through the 2^23 mantissa) qkv 80 vs 69,
+    o 67 vs 49, gate_up 94 vs 91, down 84 vs 82."""
     if bits == 4 and asm:  # tiles of two groups where the linear is wide enough
         wide = 2 * group_size
         if N >= 16384:
@@ -244,7 +252,7 @@ def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128,
     if N >= 16384:
         return GemvConfig(16, 256, 1, 4, 4)
     if K >= 8192:
-        return GemvConfig(32, 256, 4, 4, 3)
+        return GemvConfig(16, 512, 2, 4, 3)
     return GemvConfig(16, 512, 1, 8, 3) if N > K else GemvConfig(16, 512, 2, 4, 3)
 
 
@@ -317,7 +325,7 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             # PDL: the first weight tile (and its scales) loads while the kernel ahead ends (8B batch-1 decode graph
             # on an H100 with the other decode kernels' PDL: fp8 3.73 -> 3.47 ms; int4 with the PTX chain 2.99 ->
-            # 2.89 ms); the 4-bit Triton unpack launches plainly (with PDL its graph went 3.43 -> 3.92 ms)
+            # 2.96 ms); the 4-bit Triton unpack launches plainly (with PDL its graph went 3.43 -> 3.92 ms)
             **(pdl.launch_kwargs(x2, "wo_gemv") if bits == 8 else
                pdl.launch_kwargs(x2, "wo_gemv4") if use_asm else {"PDL": False}))
     return out.view(*x.shape[:-1], N)

@@ -8,7 +8,7 @@ turns a layer holding a float weight into a quantized one (online quantization a
 Parameters per scheme (N output, K input features of this rank):
     none      weight [N, K] model dtype
     int8_wo   weight [N, K] int8, weight_scale [N] float32                       -> w8a16_matmul (Triton on CUDA);
-                                                              >= 128 rows: dequantize_8bit + cuBLAS
+                                                              1 row: wo_gemv; >= 128 rows: dequantize_8bit + cuBLAS
     int4_*    qweight [N, K/2] uint8, scales [N, K/G] float16, qzeros [N, K/G] uint8 (if zero points)
                                                                                  -> w4a16_matmul (Triton on CUDA);
                                                               1 row: wo_gemv; >= 17 rows: dequantize_int4 + cuBLAS
@@ -17,6 +17,7 @@ Parameters per scheme (N output, K input features of this rank):
                                                               (1 row: wo_gemv on them)
     int8_sq   weight [N, K] int8, weight_scale [N] float32                       -> torch._int_mm (CUDA);
                                                               <= 16 rows: w8a16_matmul on the int8 weights
+                                                              (1 row: wo_gemv on them)
 On CPU every scheme computes the same math in float (dequantize + matmul; W8A8 quantizes activations exactly as
 the GPU path does), so the engine runs everywhere. The CPU path dequantizes a layer's weight once and keeps the float
 copy (CPU_CACHE_DEQUANTIZED): CPU memory is not what quantization is for, and dequantizing every weight at every
@@ -105,6 +106,10 @@ class Int8WeightOnlyMethod(LinearMethod):
                 from kvflight.kernels.dequant_weight import dequantize_8bit
 
                 return F.linear(x, dequantize_8bit(layer.weight, layer.weight_scale, x.dtype), bias)
+            if x.numel() == x.shape[-1]:  # one row (batch-1 decode): the CUDA-core GEMV
+                from kvflight.kernels.wo_gemv import wo_gemv
+
+                return wo_gemv(x, layer.weight, layer.weight_scale, bias=bias)
             from kvflight.kernels.w8a16_matmul import w8a16_matmul
 
             return w8a16_matmul(x, layer.weight, layer.weight_scale, bias)
@@ -194,9 +199,10 @@ class _W8A8Method(LinearMethod):
 
     @staticmethod
     def weight_only(layer: "_ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x (qweight * scale)^T through the W8A16 kernel on the 8-bit weights (CUDA); one row of fp8 weights through
-        the CUDA-core GEMV (the fp8 -> float convert is cheaper there than feeding the tensor cores a padded tile)."""
-        if x.numel() == x.shape[-1] and layer.weight.dtype == torch.float8_e4m3fn:
+        """x (qweight * scale)^T through the W8A16 kernel on the 8-bit weights (CUDA); one row through the CUDA-core
+        GEMV (converting the codes there is cheaper than feeding the tensor cores a padded tile: H100, Llama-8B
+        linears, us per call matmul kernel -> GEMV, int8 qkv 12.4 -> 10.6, o 11.7 -> 8.5, down 24.3 -> 23.8)."""
+        if x.numel() == x.shape[-1]:
             from kvflight.kernels.wo_gemv import wo_gemv
 
             return wo_gemv(x, layer.weight, layer.weight_scale, bias=bias)
