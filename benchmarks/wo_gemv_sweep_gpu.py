@@ -55,8 +55,9 @@ def main() -> int:
         if args.quick:
             block_ns = block_ns[1:]
             splits, launches = (2, 4, 8) if kind == "int4" else (1, 2, 4), ((4, 3), (8, 3))
-        grid = [GemvConfig(bn, bk, sp, w, st) for bn, bk, sp, (w, st) in
-                itertools.product(block_ns, block_ks, splits, launches)]
+        rows2 = (False, True) if kind == "int4" and asm else (False,)  # the PTX chain: one or two rows per chain
+        grid = [GemvConfig(bn, bk, sp, w, st, r2) for bn, bk, sp, (w, st), r2 in
+                itertools.product(block_ns, block_ks, splits, launches, rows2)]
         for name, (n, k) in SHAPES.items():
             if name not in args.shapes.split(","):
                 continue

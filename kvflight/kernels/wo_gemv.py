@@ -8,14 +8,15 @@ loop: per weight an unpack, a convert and a few multiply-adds, no reduction insi
 
 4-bit (reference.w4a16_matmul layout: byte j of a row = code of column 2j in the low nibble, 2j + 1 in the high one):
 the rows are read as little-endian 32-bit words, nibble i of word w being column 8w + i.
-- On a GPU with bf16 / fp16 activations (the decode path): each word goes through one PTX chain (_asm_word_chain) that
+- On a GPU with bf16 / fp16 activations (the decode path): each word (of one row, or of two rows sharing the
+  activations: GemvConfig.rows2) goes through one PTX chain (_asm_word_chain) that
   loads the word's 8 activations (16 bytes), builds two codes per register with a byte permute and a
   lop3 into the mantissa of a 16-bit MAGIC (128.0 / 1024.0: MAGIC + code exactly), subtracts MAGIC + zero (exact)
   and multiply-adds with packed x2 arithmetic; the word's sum (two halves of 4 products each) joins a float32
   accumulator with the group's scale. A tile spans whole groups ([BLOCK_N, GT, WPG] words, one scale / zero per row
   and group) or lies inside one. Weight loads are marked evict-first (streamed once per step). H100 sweep, % of copy
-  bandwidth at one row (benchmarks/wo_gemv_sweep_gpu.py), Triton unpack -> this chain: qkv 41 -> 48, o 34 -> 40,
-  gate_up 58 -> 71, down 47 -> 60; with the same loads and no arithmetic gate_up streams at 91%, with the arithmetic
+  bandwidth at one row (benchmarks/wo_gemv_sweep_gpu.py), Triton unpack -> this chain: qkv 41 -> 57, o 34 -> 49,
+  gate_up 58 -> 77, down 47 -> 71; with the same loads and no arithmetic gate_up streams at 91%, with the arithmetic
   but a constant x at 82%: the chain's instructions and the x loads are what is left. Error: about 0.4% of the
   output's norm against 0.2% for rounding the output to bf16 (GPU test).
 - Elsewhere (the interpreter, float32 activations): a code becomes a float by or-ing it into the mantissa of 2^23
@@ -23,9 +24,10 @@ the rows are read as little-endian 32-bit words, nibble i of word w being column
   sum each word's 8 products in that dtype. Tiles lie inside one group.
 
 8-bit (int8, or float8 e4m3 bytes): int8 codes become floats through the 2^23 mantissa as well (an int-to-float
-convert runs at an eighth of the FMA rate on sm_90); the per-channel scale multiplies the final sum. With SPLIT_K > 1 each K stretch
-stores its partial sums and the last one to finish a column block adds them and writes the output
-(w8a16_matmul.split_k_store): one launch per call.
+convert runs at an eighth of the FMA rate on sm_90); the per-channel scale multiplies the final sum.
+
+With SPLIT_K > 1 each K stretch stores its partial sums and the last one to finish a column block adds them and
+writes the output (w8a16_matmul.split_k_store): one launch per call.
 """
 
 from __future__ import annotations
@@ -44,32 +46,60 @@ from kvflight.kernels.w8a16_matmul import split_k_buffers, split_k_store
 GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or dequantize + cuBLAS)
 
 
-def _asm_word_chain(fma: str, magic: str, one: str, to_f32: str, regs: str = "") -> str:
-    """PTX for one 32-bit word of 8 codes (reference layout: nibble i = column 8w + i): $1 the word, $2 the address
-    of x's 16 bytes for the word (columns 8w .. 8w + 7: pair m = columns 8w + 2m, 8w + 2m + 1 in one register;
-    a coherent load, not .nc: under PDL x is written by the kernel ahead while this one runs, and ptxas may hoist a
-    non-coherent load above the wait); $3 -(MAGIC + zero) in both halves; $0 the float32 bits of
-    sum_i (code_i - zero) * x_i. Pair m: the low nibbles of byte m of the word (column 2m) and of byte m of the
-    word >> 4 (column 2m + 1) move into the two halves by one byte permute, are or-ed into the mantissa of MAGIC by
-    one lop3, shifted by -(MAGIC + zero) (exact) and multiplied into a packed accumulator: 4 instructions per 2
-    weights. The accumulator's two halves (4 products each) are added in float32."""
-    lines = ["{", ".reg .b32 s, t, p, a, one, zero, x0, x1, x2, x3;", *([regs] if regs else []),
-             "ld.global.v4.b32 {x0, x1, x2, x3}, [$2];", f"mov.b32 one, {one};", "mov.b32 zero, 0;",
-             "shr.u32 s, $1, 4;"]
-    for m in range(4):
-        lines += [f"prmt.b32 t, $1, s, {0x0400 + 0x0101 * m:#06x};",
-                  f"lop3.b32 p, t, 0x000F000F, {magic}, 0xEA;",
-                  f"fma.rn.{fma} p, p, one, $3;",
-                  f"fma.rn.{fma} a, p, x{m}, {'zero' if m == 0 else 'a'};"]
-    return "\n".join(lines + [to_f32, "}"])
+def _asm_word_chain(fma: str, magic: str, one: str, to_f32: list[str], regs: str = "", rows: int = 1) -> str:
+    """PTX for one 32-bit word of 8 codes in each of `rows` rows (reference layout: nibble i = column 8w + i), the
+    rows sharing the word's activations. Operands: outputs $0 .. $(rows - 1), the float32 bits of
+    sum_i (code_i - zero) * x_i per row; then the rows' words, the address of x's 16 bytes for the word (columns
+    8w .. 8w + 7: pair m = columns 8w + 2m, 8w + 2m + 1 in one register; a coherent load, not .nc: under PDL x is
+    written by the kernel ahead while this one runs, and ptxas may hoist a non-coherent load above the wait), and
+    the rows' -(MAGIC + zero) in both halves. Pair m: the low nibbles of byte m of the word (column 2m) and of byte m
+    of the word >> 4 (column 2m + 1) move into the two halves by one byte permute, are or-ed into the mantissa of
+    MAGIC by one lop3, shifted by -(MAGIC + zero) (exact) and multiplied into a packed accumulator: 4 instructions
+    per 2 weights. The accumulator's two halves (4 products each) are added in float32 (to_f32: a -> $out)."""
+    word = [f"${rows + r}" for r in range(rows)]
+    addr = f"${2 * rows}"
+    negoff = [f"${2 * rows + 1 + r}" for r in range(rows)]
+    outs = ", ".join(f"o{r}" for r in range(rows))  # results stay in scratch registers until every input is read
+    lines = ["{", f".reg .b32 s, t, p, a, one, zero, x0, x1, x2, x3, {outs};", *([regs] if regs else []),
+             f"ld.global.v4.b32 {{x0, x1, x2, x3}}, [{addr}];", f"mov.b32 one, {one};", "mov.b32 zero, 0;"]
+    for r in range(rows):
+        lines.append(f"shr.u32 s, {word[r]}, 4;")
+        for m in range(4):
+            lines += [f"prmt.b32 t, {word[r]}, s, {0x0400 + 0x0101 * m:#06x};",
+                      f"lop3.b32 p, t, 0x000F000F, {magic}, 0xEA;",
+                      f"fma.rn.{fma} p, p, one, {negoff[r]};",
+                      f"fma.rn.{fma} a, p, x{m}, {'zero' if m == 0 else 'a'};"]
+        lines += [line.replace("$out", f"o{r}") for line in to_f32]
+    return "\n".join(lines + [f"mov.b32 ${r}, o{r};" for r in range(rows)] + ["}"])
 
 
-_ASM_BF16 = tl.constexpr(_asm_word_chain(
-    "bf16x2", "0x43004300", "0x3F803F80", "shl.b32 t, a, 16;\nand.b32 s, a, 0xFFFF0000;\nadd.f32 $0, t, s;"))
-_ASM_FP16 = tl.constexpr(_asm_word_chain(
-    "f16x2", "0x64006400", "0x3C003C00",
-    "mov.b32 {h0, h1}, a;\ncvt.f32.f16 f0, h0;\ncvt.f32.f16 f1, h1;\nadd.f32 f0, f0, f1;\nmov.b32 $0, f0;",
-    ".reg .b16 h0, h1;\n.reg .f32 f0, f1;"))
+_TO_F32_BF16 = ["shl.b32 t, a, 16;", "and.b32 s, a, 0xFFFF0000;", "add.f32 $out, t, s;"]
+_TO_F32_FP16 = ["mov.b32 {h0, h1}, a;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;", "add.f32 f0, f0, f1;",
+                "mov.b32 $out, f0;"]
+_REGS_FP16 = ".reg .b16 h0, h1;\n.reg .f32 f0, f1;"
+_ASM_BF16 = tl.constexpr(_asm_word_chain("bf16x2", "0x43004300", "0x3F803F80", _TO_F32_BF16))
+_ASM_FP16 = tl.constexpr(_asm_word_chain("f16x2", "0x64006400", "0x3C003C00", _TO_F32_FP16, _REGS_FP16))
+_ASM2_BF16 = tl.constexpr(_asm_word_chain("bf16x2", "0x43004300", "0x3F803F80", _TO_F32_BF16, rows=2))
+_ASM2_FP16 = tl.constexpr(_asm_word_chain("f16x2", "0x64006400", "0x3C003C00", _TO_F32_FP16, _REGS_FP16, rows=2))
+
+
+@triton.jit
+def _w4_tile(w_ptr, scales_ptr, zeros_ptr, rows, row_mask, ww, group, g_mask, stride_wn, stride_sn, stride_zn,
+             HAS_ZEROS: tl.constexpr, NEG_MAGIC_BITS: tl.constexpr):
+    """One tile of 4-bit rows for the PTX chain: words [R, GT, WPG] int32, scales [R, GT] float32 and
+    -(MAGIC + zero) in both halves [R, GT, WPG] int32 (rows [R], word columns ww [GT, WPG], groups [GT])."""
+    R: tl.constexpr = rows.shape[0]
+    words = tl.load(w_ptr + rows[:, None, None] * stride_wn + ww[None, :, :],
+                    mask=row_mask[:, None, None] & g_mask[None, :, None], other=0, eviction_policy="evict_first")
+    sz_mask = row_mask[:, None] & g_mask[None, :]
+    scale = tl.load(scales_ptr + rows[:, None] * stride_sn + group[None, :], mask=sz_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + rows[:, None] * stride_zn + group[None, :], mask=sz_mask, other=0).to(tl.int32)
+    else:
+        zero = tl.full((R, group.shape[0]), 8, dtype=tl.int32)
+    # the 16-bit float of MAGIC + z has z in its mantissa: its negation, twice in one register
+    negoff = tl.broadcast_to(((zero | NEG_MAGIC_BITS) * 65537)[:, :, None], words.shape)
+    return words, scale, negoff
 
 
 @triton.jit
@@ -101,6 +131,7 @@ def _wo_gemv_kernel(
     PDL: tl.constexpr = False,  # programmatic dependent launch: the first weight tile loads before the wait
     ASM: tl.constexpr = False,  # 4-bit, 16-bit activations on a GPU: the PTX word chain (_ASM_BF16 / _ASM_FP16)
     xw_ptr=None,  # ASM: x's storage as [K / 2] int32, two activations per word (columns 2m, 2m + 1)
+    ROWS2: tl.constexpr = False,  # ASM: one chain per word of two rows (shares the activation load)
 ):
     pdl_trigger(PDL)
     pid_n = tl.program_id(0)
@@ -115,42 +146,52 @@ def _wo_gemv_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     if BITS == 4 and ASM:  # a GPU with 16-bit activations: one PTX chain per word, packed x2 math end to end
-        # a tile spans GT whole groups (or lies inside one): [BN, GT, WPG] words, one scale / zero per (row, group)
+        # a tile spans GT whole groups (or lies inside one): [BN, GT, WPG] words, one scale / zero per (row, group).
+        # ROWS2: each chain takes the same word of an even and an odd row (rows a = 2i, b = 2i + 1 of the block),
+        # sharing one load of the word's activations
         GT: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K >= GROUP_SIZE else 1
         WPG: tl.constexpr = (GROUP_SIZE if BLOCK_K >= GROUP_SIZE else BLOCK_K) // 8
+        RN: tl.constexpr = BLOCK_N // 2 if ROWS2 else BLOCK_N  # rows per row set
         rg = tl.arange(0, GT)  # [GT] groups inside the tile
         rw = tl.arange(0, WPG)  # [WPG] words inside a group's stretch of the tile
-        acc = tl.zeros((BLOCK_N, GT, WPG), dtype=tl.float32)  # per-lane partial sums, reduced once at the end
-        n3 = rn[:, None, None]
-        m3 = n_mask[:, None, None]
+        ra = (pid_n * BLOCK_N + (2 if ROWS2 else 1) * tl.arange(0, RN)).to(tl.int64)  # [RN] rows of set a
+        rb = ra + 1  # [RN] rows of set b (ROWS2)
+        a_mask = ra < N
+        b_mask = rb < N
+        acc_a = tl.zeros((RN, GT, WPG), dtype=tl.float32)  # per-lane partial sums, reduced once at the end
+        acc_b = tl.zeros((RN, GT, WPG), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             ww = k0 // 8 + rg[:, None] * WPG + rw[None, :]  # [GT, WPG] word columns: word w = columns 8w .. 8w + 7
             group = k0 // GROUP_SIZE + rg  # [GT]
             g_mask = group < K // GROUP_SIZE  # a last tile may reach past K: its missing groups read as zeros
-            words = tl.load(w_ptr + n3 * stride_wn + ww[None, :, :], mask=m3 & g_mask[None, :, None], other=0,
-                            eviction_policy="evict_first")  # [BN, GT, WPG] int32
-            sz_mask = n_mask[:, None] & g_mask[None, :]
-            scale = tl.load(scales_ptr + rn[:, None] * stride_sn + group[None, :], mask=sz_mask,
-                            other=0.0).to(tl.float32)  # [BN, GT]
-            if HAS_ZEROS:
-                zero = tl.load(zeros_ptr + rn[:, None] * stride_zn + group[None, :], mask=sz_mask,
-                               other=0).to(tl.int32)  # [BN, GT]
-            else:
-                zero = tl.full((BLOCK_N, GT), 8, dtype=tl.int32)
-            # -(MAGIC + zero) twice in one register: the 16-bit float of MAGIC + z has z in its mantissa
-            negoff = tl.broadcast_to(((zero | NEG_MAGIC_BITS) * 65537)[:, :, None], (BLOCK_N, GT, WPG))
+            words_a, scale_a, negoff_a = _w4_tile(w_ptr, scales_ptr, zeros_ptr, ra, a_mask, ww, group, g_mask,
+                                                  stride_wn, stride_sn, stride_zn, HAS_ZEROS, NEG_MAGIC_BITS)
+            if ROWS2:
+                words_b, scale_b, negoff_b = _w4_tile(w_ptr, scales_ptr, zeros_ptr, rb, b_mask, ww, group, g_mask,
+                                                      stride_wn, stride_sn, stride_zn, HAS_ZEROS, NEG_MAGIC_BITS)
             if k0 == k_start:  # weights only so far: wait for the kernel that wrote x before the chain reads it
                 pdl_wait(PDL)
-            # x's 16 bytes for each word are loaded inside the chain (a missing group's
-            # word reads word 0 of x: finite, times a zero scale)
+            # x's 16 bytes for each word are loaded inside the chain (a missing group's word reads word 0 of x:
+            # finite, times a zero scale)
             x_addr = tl.broadcast_to((xw_ptr + 4 * tl.where(g_mask[:, None], ww, 0)).to(tl.int64)[None, :, :],
-                                     (BLOCK_N, GT, WPG))  # [BN, GT, WPG] int64 addresses
+                                     (RN, GT, WPG))  # [RN, GT, WPG] int64 addresses
             # not pure: the chain loads x, so it must stay after the PDL wait above
-            part = tl.inline_asm_elementwise(_ASM_BF16 if x_ptr.dtype.element_ty == tl.bfloat16 else _ASM_FP16,
-                                             "=r,r,l,r", [words, x_addr, negoff], dtype=tl.int32, is_pure=False,
-                                             pack=1)  # [BN, GT, WPG] float32 bits: sum_i (code_i - zero) x_i
-            acc += part.to(tl.float32, bitcast=True) * scale[:, :, None]
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+            if ROWS2:
+                part_a, part_b = tl.inline_asm_elementwise(
+                    _ASM2_BF16 if x_ptr.dtype.element_ty == tl.bfloat16 else _ASM2_FP16, "=r,=r,r,r,l,r,r",
+                    [words_a, words_b, x_addr, negoff_a, negoff_b], dtype=(tl.int32, tl.int32), is_pure=False,
+                    pack=1)  # [RN, GT, WPG] float32 bits each: sum_i (code_i - zero) x_i
+                acc_b += part_b.to(tl.float32, bitcast=True) * scale_b[:, :, None]
+            else:
+                part_a = tl.inline_asm_elementwise(
+                    _ASM_BF16 if x_ptr.dtype.element_ty == tl.bfloat16 else _ASM_FP16, "=r,r,l,r",
+                    [words_a, x_addr, negoff_a], dtype=tl.int32, is_pure=False, pack=1)
+            acc_a += part_a.to(tl.float32, bitcast=True) * scale_a[:, :, None]
+        total_a = tl.sum(tl.sum(acc_a, axis=2), axis=1)  # [RN]
+        if ROWS2:
+            total = tl.reshape(tl.join(total_a, tl.sum(tl.sum(acc_b, axis=2), axis=1)), (BLOCK_N,))  # rows in order
+        else:
+            total = total_a
     elif BITS == 4:
         pdl_wait(PDL)  # (4-bit calls launch without PDL: see wo_gemv)
         WORDS: tl.constexpr = BLOCK_K // 8
@@ -231,21 +272,22 @@ class GemvConfig(NamedTuple):
     split_k: int
     num_warps: int = 4
     num_stages: int = 4
+    rows2: bool = False  # 4-bit PTX chain: one chain per word of two rows (sharing the activation load)
 
 
 def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128, asm: bool = False) -> GemvConfig:
     """The launch for one call: the best configs of an H100 sweep on the Llama-8B linears, weights rotated past L2
     (benchmarks/wo_gemv_sweep_gpu.py; % of copy bandwidth, GEMV vs the tensor-core matmul kernel at one row):
-    4-bit (the PTX chain, asm=True) qkv 48 vs 25, o 40 vs 20, gate_up 71 vs 26, down 60 vs 25; fp8 qkv 81 vs 47,
+    4-bit (the PTX chain, asm=True) qkv 57 vs 25, o 49 vs 20, gate_up 77 vs 26, down 71 vs 25 (two rows per chain:
+    qkv 54 -> 57, o 47 -> 49, down 65 -> 71, gate_up 77 -> 73: one row there); fp8 qkv 81 vs 47,
     o 71 vs 45, gate_up 96 vs 87, down 85 vs 77; int8 (codes converted through the 2^23 mantissa) qkv 80 vs 69,
     o 67 vs 49, gate_up 94 vs 91, down 84 vs 82."""
-    if bits == 4 and asm:  # tiles of two groups where the linear is wide enough
-        wide = 2 * group_size
+    if bits == 4 and asm:  # tiles of several whole groups; two rows per chain but on the widest linear
         if N >= 16384:
-            return GemvConfig(128, wide, 4, 4, 3)
+            return GemvConfig(128, 2 * group_size, 2, 4, 3)
         if K >= 8192:
-            return GemvConfig(64, wide, 8, 8, 3)
-        return GemvConfig(128, group_size, 8, 8, 3) if N > K else GemvConfig(32, wide, 8, 4, 3)
+            return GemvConfig(32, 2 * group_size, 8, 4, 3, rows2=True)
+        return GemvConfig(64, 4 * group_size, 4, 4, 3, True) if N > K else GemvConfig(32, 4 * group_size, 4, 8, 3, True)
     if bits == 4:
         block_k = min(group_size, 128)
         return GemvConfig(64, block_k, 8, 4, 3) if N >= 16384 else GemvConfig(128, block_k, 8, 8, 3)
@@ -322,6 +364,7 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             HALF=bits == 4 and x2.dtype in (torch.bfloat16, torch.float16),
 
             PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", ASM=use_asm, xw_ptr=xw,
+            ROWS2=use_asm and cfg.rows2 and cfg.block_n >= 2,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             # PDL: the first weight tile (and its scales) loads while the kernel ahead ends (8B batch-1 decode graph
             # on an H100 with the other decode kernels' PDL: fp8 3.73 -> 3.47 ms; int4 with the PTX chain 2.99 ->
