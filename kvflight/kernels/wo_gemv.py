@@ -120,7 +120,7 @@ def _wo_gemv_kernel(
     stride_zn,
     BITS: tl.constexpr,  # 4 or 8
     W_FP8: tl.constexpr,  # 8-bit codes are float8 e4m3
-    GROUP_SIZE: tl.constexpr,  # 4-bit group (BLOCK_K divides it); unused for 8-bit
+    GROUP_SIZE: tl.constexpr,  # 4-bit group (BLOCK_K divides it or, with ASM, is a multiple of it); unused for 8-bit
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
