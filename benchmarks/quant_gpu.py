@@ -7,8 +7,8 @@ device machine:
 
 Rows: batch-1 decode (128 in / 256 out; the median of 3 runs) in ms/token against the weight-read limit (weight
 bytes / copy bandwidth), offline N x 256 in / 256 out in output tokens/s against our bf16 row, the weights and the KV
-capacity the planner reports. int4_awq on dummy weights is int4 group-128 with the same kernel (AWQ changes values, not speed);
-int8_sq at load time has no smoothing (same kernels as the calibrated checkpoint).
+capacity the planner reports. int4_awq on dummy weights is int4 group-128 with the same kernel (AWQ changes values,
+not speed); int8_sq at load time has no smoothing (same kernels as the calibrated checkpoint).
 Needs the ModelRunner to pass `quantization` to load_model; the script stops with that message otherwise.
 """
 
