@@ -26,6 +26,7 @@ import triton.language as tl
 
 from kvflight.kernels import pdl
 from kvflight.kernels.pdl import pdl_trigger, pdl_wait
+from kvflight.kernels.reference import check_kv_scales
 
 LOG2_E = 1.4426950408889634
 MAX_NUM_SPLITS = 128  # the merge kernel loads all splits' statistics of one row at once
@@ -388,17 +389,7 @@ def paged_attention(
     _check_inputs(q, kv_cache, block_tables, query_start_loc, seq_lens, max_query_len, num_splits, out)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, tokens_per_block = kv_cache.shape[3], kv_cache.shape[2]
-    kv_scaled = kv_cache.dtype in _QUANT_KV_DTYPES
-    if kv_scaled or k_scale is not None or v_scale is not None:
-        if not kv_scaled or k_scale is None or v_scale is None:
-            raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
-                             "v_scale, and scales need a quantized cache")
-        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if t.dtype != torch.float32 or t.numel() not in (1, num_kv_heads) or t.numel() != k_scale.numel() \
-                    or t.device != q.device \
-                    or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
-                raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
-                                 f"or [1] on {q.device}")
+    kv_scaled = check_kv_scales(kv_cache, k_scale, v_scale, num_kv_heads) is not None  # (kv_cache is on q's device)
     num_seqs = seq_lens.shape[0]
     if out is None:
         out = torch.empty_like(q)

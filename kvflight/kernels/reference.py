@@ -42,6 +42,26 @@ def kv_quant_name(dtype: torch.dtype) -> str | None:
     return None
 
 
+def check_kv_scales(kv_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                    num_kv_heads: int) -> str | None:
+    """Validate the K / V scales a Triton kernel reads a cache with (shared by the KV writes and paged attention):
+    a quantized cache needs both, float32 [num_kv_heads] or [1] alike on the cache's device; a float cache none.
+    Returns kv_quant_name(kv_cache.dtype)."""
+    quant = kv_quant_name(kv_cache.dtype)
+    if quant is None and k_scale is None and v_scale is None:
+        return None
+    if quant is None or k_scale is None or v_scale is None:
+        raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
+                         "v_scale, and scales need a quantized cache")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t.dtype != torch.float32 or t.numel() not in (1, num_kv_heads) or t.numel() != k_scale.numel() \
+                or t.device != kv_cache.device \
+                or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
+            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
+                             f"or [1] on {kv_cache.device}")
+    return quant
+
+
 def _per_head(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A scale (scalar, [1] or [num_kv_heads]) shaped to broadcast over x [..., num_kv_heads, head_dim]."""
     s = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(-1)

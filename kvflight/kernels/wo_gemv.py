@@ -362,7 +362,6 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
             BITS=bits, W_FP8=w_fp8, GROUP_SIZE=group_size if bits == 4 else 1, HAS_ZEROS=zr is not None,
             HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             HALF=bits == 4 and x2.dtype in (torch.bfloat16, torch.float16),
-
             PAIRS=x2.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", ASM=use_asm, xw_ptr=xw,
             ROWS2=use_asm and cfg.rows2 and cfg.block_n >= 2,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,

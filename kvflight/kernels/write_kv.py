@@ -11,7 +11,7 @@ from triton.language.extra import libdevice
 
 from kvflight.kernels import pdl
 from kvflight.kernels.pdl import pdl_trigger, pdl_wait
-from kvflight.kernels.reference import check_kv_write_shapes, kv_quant_name
+from kvflight.kernels.reference import check_kv_scales, check_kv_write_shapes
 
 # 1.5 * 2**23: (y + M) - M rounds a float32 |y| < 2**22 to the nearest integer, ties even (the interpreter's
 # rounding; compiled kernels use libdevice rint, the same rounding in one instruction)
@@ -120,18 +120,10 @@ def kv_quant_launch_args(kv_cache: torch.Tensor, k_scale: torch.Tensor | None, v
                          num_kv_heads: int) -> dict:
     """Validated scale arguments of a KV-writing kernel (load_kv_scales / store_kv): {} for a float cache (the
     kernel's defaults: no scales, QUANT=0), else the scale pointers, their head stride and QUANT (1 int8, 2 fp8)."""
-    quant = kv_quant_name(kv_cache.dtype)
-    if quant is None and k_scale is None and v_scale is None:
+    quant = check_kv_scales(kv_cache, k_scale, v_scale, num_kv_heads)
+    if quant is None:
         return {}
-    if quant is None or k_scale is None or v_scale is None:
-        raise ValueError(f"kv_cache {kv_cache.dtype}: a quantized cache (int8 / float8_e4m3fn) needs k_scale and "
-                         "v_scale, and scales need a quantized cache")
-    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if t.dtype != torch.float32 or t.numel() not in (1, num_kv_heads) or t.numel() != k_scale.numel() \
-                or t.device != kv_cache.device \
-                or (t.numel() > 1 and (t.dim() != 1 or t.stride(0) != k_scale.stride(0))):
-            raise ValueError(f"{name} {tuple(t.shape)} {t.dtype} on {t.device}: expected float32 [num_kv_heads] "
-                             f"or [1] on {kv_cache.device}")
+    assert k_scale is not None
     return dict(k_scale_ptr=k_scale, v_scale_ptr=v_scale,
                 scale_stride_h=k_scale.stride(0) if k_scale.numel() > 1 else 0,
                 QUANT=1 if quant == "int8" else 2)
