@@ -4,7 +4,7 @@ For every scheme: the engine step's wall time, the decode CUDA graph's replay ti
 time per step (torch.profiler over graph replays) and the rest (gaps between kernels inside the graph), then one row
 per kernel name: launches per step and microseconds per step.
 
-    python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16]
+    python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--int4-rows2]
 """
 
 from __future__ import annotations
@@ -44,7 +44,26 @@ def main() -> int:
     ap.add_argument("--schemes", default="none,fp8,int4_awq")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--int4-rows2", action="store_true",
+                    help="the 4-bit PTX chain with the two-rows-per-chain configs of the per-linear sweep (the "
+                         "defaults are one row per chain: these lost in the decode graph, 3.202 vs 3.042 ms)")
     args = ap.parse_args()
+    if args.int4_rows2:
+        from kvflight.kernels import wo_gemv
+
+        chosen = wo_gemv.choose_gemv_config
+
+        def rows2(M, N, K, bits, group_size=128, asm=False):  # the per-linear sweep's winners (GemvConfig.rows2)
+            if bits == 4 and asm:
+                if N >= 16384:
+                    return wo_gemv.GemvConfig(128, 2 * group_size, 2, 4, 3)
+                if K >= 8192:
+                    return wo_gemv.GemvConfig(32, 2 * group_size, 8, 4, 3, rows2=True)
+                return (wo_gemv.GemvConfig(64, 4 * group_size, 4, 4, 3, True) if N > K
+                        else wo_gemv.GemvConfig(32, 4 * group_size, 4, 8, 3, True))
+            return chosen(M, N, K, bits, group_size, asm)
+
+        wo_gemv.choose_gemv_config = rows2
     print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__}")
     for scheme in args.schemes.split(","):
         llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=4096, max_batch_size=8,

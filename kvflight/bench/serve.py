@@ -186,6 +186,16 @@ class StaticBatchScheduler:
         return self._queue[0][1] + self.timeout_s
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop where it is installed (as uvicorn picks for the server): the client's own per-event cost
+    then stays small beside the server's, which is what the benchmark measures; None = asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 # ---- SSE ----------------------------------------------------------------------------------------------------------
 async def iter_sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, float]]:
     """(data payload, arrival time) of each server-sent event; multi-line data is joined with newlines, comments
@@ -971,7 +981,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         def run() -> tuple[list[BenchReport], list[list[RequestRecord]]]:
-            return asyncio.run(benchmark(backend, requests, settings, tok.value if tok.loaded else None))
+            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+                return runner.run(benchmark(backend, requests, settings, tok.value if tok.loaded else None))
 
         reports, records = backend.run_in_this_thread(run) if isinstance(backend, EngineBackend) else run()
     except ValueError as exc:  # setup problems found in start() (e.g. no --model)

@@ -278,16 +278,19 @@ class GemvConfig(NamedTuple):
 def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128, asm: bool = False) -> GemvConfig:
     """The launch for one call: the best configs of an H100 sweep on the Llama-8B linears, weights rotated past L2
     (benchmarks/wo_gemv_sweep_gpu.py; % of copy bandwidth, GEMV vs the tensor-core matmul kernel at one row):
-    4-bit (the PTX chain, asm=True) qkv 57 vs 25, o 49 vs 20, gate_up 77 vs 26, down 71 vs 25 (two rows per chain:
-    qkv 54 -> 57, o 47 -> 49, down 65 -> 71, gate_up 77 -> 73: one row there); fp8 qkv 81 vs 47,
+    4-bit (the PTX chain, asm=True) qkv 48 vs 25, o 40 vs 20, gate_up 71 vs 26, down 60 vs 25. Two rows per chain
+    (rows2) won that sweep on three linears (qkv 57, o 49, down 71) but lost in the decode graph: the int4_awq step
+    took 3.202 ms with those configs against 3.042 ms with these (decode_breakdown_gpu.py --int4-one-row, same H100
+    run), so rows2 stays a sweep option, off by default. fp8 qkv 81 vs 47,
     o 71 vs 45, gate_up 96 vs 87, down 85 vs 77; int8 (codes converted through the 2^23 mantissa) qkv 80 vs 69,
     o 67 vs 49, gate_up 94 vs 91, down 84 vs 82."""
-    if bits == 4 and asm:  # tiles of several whole groups; two rows per chain but on the widest linear
+    if bits == 4 and asm:  # tiles of one or two whole groups, one row per chain (see below)
+        wide = 2 * group_size
         if N >= 16384:
-            return GemvConfig(128, 2 * group_size, 2, 4, 3)
+            return GemvConfig(128, wide, 4, 4, 3)
         if K >= 8192:
-            return GemvConfig(32, 2 * group_size, 8, 4, 3, rows2=True)
-        return GemvConfig(64, 4 * group_size, 4, 4, 3, True) if N > K else GemvConfig(32, 4 * group_size, 4, 8, 3, True)
+            return GemvConfig(64, wide, 8, 8, 3)
+        return GemvConfig(128, group_size, 8, 8, 3) if N > K else GemvConfig(32, wide, 8, 4, 3)
     if bits == 4:
         block_k = min(group_size, 128)
         return GemvConfig(64, block_k, 8, 4, 3) if N >= 16384 else GemvConfig(128, block_k, 8, 8, 3)
