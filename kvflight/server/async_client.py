@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -53,6 +54,32 @@ class _Tracked:
     num_output_tokens: int = 0
     queue_time_recorded: bool = False
     finished: bool = False
+    queue_s: float | None = None  # arrival to first scheduled, from the engine core
+    traced: bool = False  # its first token is in the request trace
+
+
+class RequestTrace:
+    """KVFLIGHT_REQUEST_TRACE=FILE: one JSON line per request at its first token, saying where its time to first
+    token went, in ms from its arrival in the API process (time.monotonic is one clock across both processes):
+    scheduled (first in an engine step), engine_sent (the core sent the step's outputs), api_received (the
+    API process read them), api_handled (detokenized and queued for the HTTP response)."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._file = open(path, "a", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"KVFLIGHT_REQUEST_TRACE={path!r}: cannot open it for writing ({exc})") from None
+
+    def first_token(self, tracked: _Tracked, sent_s: float, received_s: float, handled_s: float) -> None:
+        a = tracked.arrival_s
+        ms = lambda t: round((t - a) * 1e3, 3)  # noqa: E731
+        self._file.write(json.dumps({
+            "request_id": tracked.request_id, "prompt_tokens": tracked.num_prompt_tokens,
+            "scheduled": None if tracked.queue_s is None else round(tracked.queue_s * 1e3, 3),
+            "engine_sent": ms(sent_s), "api_received": ms(received_s), "api_handled": ms(handled_s)}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class AsyncEngineClient:
@@ -79,6 +106,8 @@ class AsyncEngineClient:
         self._pull: Any = None
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        trace_path = os.environ.get("KVFLIGHT_REQUEST_TRACE")
+        self.trace = RequestTrace(trace_path) if trace_path else None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def start_process(self) -> None:
@@ -273,7 +302,7 @@ class AsyncEngineClient:
             while True:
                 msg = pickle.loads(await apull.recv())
                 if isinstance(msg, StepOutputs):
-                    self._handle_outputs(msg)
+                    self._handle_outputs(msg, time.monotonic())
                 elif isinstance(msg, StatsReply):
                     self.stats = msg.stats
                     fut = self._stats_waiters.get(msg.query_id)
@@ -288,19 +317,18 @@ class AsyncEngineClient:
             logger.exception("output loop failed")
             self._fail_all(f"the API process's output loop failed: {type(exc).__name__}: {exc}")
 
-    def _handle_outputs(self, msg: StepOutputs) -> None:
+    def _handle_outputs(self, msg: StepOutputs, received_s: float) -> None:
         assert self.processor is not None
         if msg.stats is not None:
             self.stats = msg.stats
             if self.metrics is not None:
                 self.metrics.update_engine_stats(msg.stats)
-        if self.metrics is not None:
-            seen: set[str] = set()
-            for eid, queue_s in msg.queue_times_s.items():
-                tracked = self._by_engine_id.get(eid)
-                if tracked is not None and tracked.request_id not in seen and not tracked.queue_time_recorded:
-                    tracked.queue_time_recorded = True
-                    seen.add(tracked.request_id)
+        for eid, queue_s in msg.queue_times_s.items():  # a request's first queue time (of its n sequences)
+            tracked = self._by_engine_id.get(eid)
+            if tracked is not None and not tracked.queue_time_recorded:
+                tracked.queue_time_recorded = True
+                tracked.queue_s = queue_s
+                if self.metrics is not None:
                     self.metrics.queue_time.observe(queue_s)
         for eid, why in msg.rejected.items():
             tracked = self._by_engine_id.get(eid)
@@ -315,6 +343,9 @@ class AsyncEngineClient:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
+            if self.trace is not None and not tracked.traced and any(c.token_ids for c in out.outputs):
+                tracked.traced = True
+                self.trace.first_token(tracked, msg.sent_s, received_s, now)
             if self.metrics is not None:
                 self._observe_tokens(tracked, out, now)
             tracked.queue.put_nowait(out)

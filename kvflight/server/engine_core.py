@@ -100,6 +100,7 @@ class StepOutputs:
     queue_times_s: dict[str, float] = field(default_factory=dict)  # engine id -> arrival-to-first-scheduled
     rejected: dict[str, str] = field(default_factory=dict)  # engine id -> why Engine.add_request refused it
     stats: EngineStats | None = None
+    sent_s: float = 0.0  # time.monotonic() when the core sent it (the API process's request trace)
 
 
 @dataclass
@@ -248,4 +249,4 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
             stats = engine_stats(engine)
             last_stats_s = now
         if outputs or rejected or stats is not None or queue_times:
-            send(StepOutputs(outputs, queue_times, rejected, stats))
+            send(StepOutputs(outputs, queue_times, rejected, stats, time.monotonic()))

@@ -30,14 +30,15 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = f"/tmp/kvflight-test-server-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "kvflight.server.cli", "serve", *SERVER_FLAGS,
                                       "--host", "127.0.0.1", "--port", str(self.port), *extra],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -323,7 +324,12 @@ def test_metrics_exposed(server: Server) -> None:
 @pytest.fixture(scope="module")
 def keyed_server() -> Iterator[Server]:
     # asynchronous scheduling (the GPU default; off on CPU unless asked): the engine core keeps a step in flight
-    srv = Server("--api-key", "sekret", "--served-model-name", "smol", "--async-scheduling", "on")
+    trace = f"/tmp/kvflight-test-trace-{os.getpid()}.jsonl"
+    if os.path.exists(trace):
+        os.remove(trace)
+    srv = Server("--api-key", "sekret", "--served-model-name", "smol", "--async-scheduling", "on",
+                 env={"KVFLIGHT_REQUEST_TRACE": trace})
+    srv.trace_path = trace  # type: ignore[attr-defined]
     yield srv
     srv.stop()
 
@@ -359,6 +365,22 @@ def test_async_scheduling_server_matches_and_frees_blocks(server: Server, keyed_
             time.sleep(0.2)
             kv = http.get("/v1/admin/kv").json()
     assert kv["used_blocks"] == 0 and kv["num_running"] == 0 and kv["free_blocks"] == kv["total_blocks"], kv
+
+
+def test_request_trace_orders_each_first_token(keyed_server: Server) -> None:
+    # KVFLIGHT_REQUEST_TRACE: one line per request at its first token, the stages in time order from its arrival
+    headers = {"Authorization": "Bearer sekret"}
+    before = open(keyed_server.trace_path).read().count("\n") if os.path.exists(keyed_server.trace_path) else 0
+    for i in range(3):
+        r = httpx.post(f"{keyed_server.url}/v1/completions", headers=headers, timeout=60,
+                       json={"model": "smol", "prompt": [1, 2, 3, 4 + i], "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200, r.text
+    lines = open(keyed_server.trace_path).read().splitlines()[before:]
+    assert len(lines) == 3, lines
+    for line in lines:
+        t = json.loads(line)
+        assert t["prompt_tokens"] == 4 and t["request_id"].startswith("cmpl-")
+        assert 0 <= t["scheduled"] <= t["engine_sent"] <= t["api_received"] <= t["api_handled"], t
 
 
 def test_api_key(keyed_server: Server) -> None:

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from kvflight.bench.dataset import BenchRequest  # noqa: E402
 from kvflight.bench.serve import (Backend, ServeSettings, StaticBatchScheduler, add_serve_args,  # noqa: E402
-                                  arrival_offsets_s, benchmark, iter_sse_events, make_backend, parse_request_rates,
+                                  arrival_offsets_s, benchmark, iter_lines, iter_sse_events, make_backend, parse_request_rates,
                                   plot_sweep, run_load, run_serve)
 from kvflight.bench.metrics import RequestRecord  # noqa: E402
 
@@ -357,6 +357,23 @@ def test_sse_parser() -> None:
         return [payload async for payload, _ in iter_sse_events(lines())]
 
     assert asyncio.run(collect()) == ['{"a": 1}', '{"b":\n2}', "[DONE]"]
+
+
+def test_line_splitter_keeps_characters_cut_between_chunks() -> None:
+    text = "data: {\"t\": \"你好 🙂\"}\r\n\ndata: [DONE]\n\ntail"
+    raw = text.encode("utf-8")
+
+    async def collect(cuts: list[int]) -> list[str]:
+        async def chunks() -> AsyncIterator[bytes]:
+            prev = 0
+            for c in [*cuts, len(raw)]:
+                yield raw[prev:c]
+                prev = c
+        return [line async for line in iter_lines(chunks())]
+
+    want = text.split("\n")
+    for cuts in ([], [1], [14, 15, 16], list(range(1, len(raw)))):  # 14..16 cut inside the first CJK character
+        assert asyncio.run(collect(cuts)) == want, cuts
 
 
 def test_plot_needs_matplotlib_or_writes(tmp_path: Path) -> None:
