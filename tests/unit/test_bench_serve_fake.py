@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from kvflight.bench.dataset import BenchRequest  # noqa: E402
 from kvflight.bench.serve import (Backend, ServeSettings, StaticBatchScheduler, add_serve_args,  # noqa: E402
-                                  arrival_offsets_s, benchmark, iter_lines, iter_sse_events, make_backend, parse_request_rates,
-                                  plot_sweep, run_load, run_serve)
+                                  arrival_offsets_s, benchmark, iter_lines, iter_sse_events, make_backend,
+                                  parse_request_rates, plot_sweep, run_load, run_serve)
 from kvflight.bench.metrics import RequestRecord  # noqa: E402
 
 TTFT_S = 0.2  # the fake's delay before the first token
