@@ -22,21 +22,8 @@ import torch  # noqa: E402
 
 from decode_breakdown_gpu import kernel_rows  # noqa: E402
 from kvflight import LLM, SamplingParams  # noqa: E402
+from kvflight.bench.limits import matmul_flops_per_s  # noqa: E402
 from kvflight.types import Request  # noqa: E402
-
-
-def matmul_tflops() -> float:
-    """The bf16 matmul rate on 8192^3 (TFLOP/s), the same limit the other benchmarks report."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
 def main() -> int:
@@ -47,7 +34,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    tflops = matmul_tflops()
+    tflops = matmul_flops_per_s() / 1e12
     print(f"device {torch.cuda.get_device_name()} | bf16 matmul {tflops:.0f} TFLOP/s | "
           f"PDL {os.environ['KVFLIGHT_PDL']}")
     llm = LLM(args.preset, load_format="dummy", max_seq_len=8192, enable_kv_cache_reuse=False,
@@ -64,8 +51,8 @@ def main() -> int:
     for i in range(args.decodes):
         eng.add_request(Request(request_id=f"d{i}", prompt_token_ids=[rng.randrange(100, vocab - 100)
                                                                        for _ in range(1024)], sampling_params=sp))
-    while eng.scheduler.iteration_stats()["num_context_requests"] or eng.scheduler.iteration_stats()[
-            "num_queued_requests"]:
+    while eng.scheduler.iteration_stats()["num_queued_requests"] or eng.scheduler.iteration_stats()[
+            "num_context_requests"]:  # until every decode's prompt is in
         eng.step()
     for _ in range(4):
         eng.step()

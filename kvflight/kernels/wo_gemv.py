@@ -15,10 +15,11 @@ the rows are read as little-endian 32-bit words, nibble i of word w being column
   and multiply-adds with packed x2 arithmetic; the word's sum (two halves of 4 products each) joins a float32
   accumulator with the group's scale. A tile spans whole groups ([BLOCK_N, GT, WPG] words, one scale / zero per row
   and group) or lies inside one. Weight loads are marked evict-first (streamed once per step). H100 sweep, % of copy
-  bandwidth at one row (benchmarks/wo_gemv_sweep_gpu.py), Triton unpack -> this chain: qkv 41 -> 57, o 34 -> 49,
-  gate_up 58 -> 77, down 47 -> 71; with the same loads and no arithmetic gate_up streams at 91%, with the arithmetic
-  but a constant x at 82%: the chain's instructions and the x loads are what is left. Error: about 0.4% of the
-  output's norm against 0.2% for rounding the output to bf16 (GPU test).
+  bandwidth at one row (benchmarks/wo_gemv_sweep_gpu.py), Triton unpack -> this chain's best config: qkv 41 -> 57,
+  o 34 -> 49, gate_up 58 -> 77, down 47 -> 71 (two rows per chain on qkv, o and down; the defaults keep one row,
+  which won in the decode graph: choose_gemv_config); with the same loads and no arithmetic gate_up streams at
+  91%, with the arithmetic but a constant x at 82%: the chain's instructions and the x loads are what is left.
+  Error: about 0.4% of the output's norm against 0.2% for rounding the output to bf16 (GPU test).
 - Elsewhere (the interpreter, float32 activations): a code becomes a float by or-ing it into the mantissa of 2^23
   (int-to-float converts run at a quarter of the FMA rate); 16-bit activations use the 16-bit MAGIC the same way and
   sum each word's 8 products in that dtype. Tiles lie inside one group.

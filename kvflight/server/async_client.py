@@ -52,9 +52,8 @@ class _Tracked:
     num_prompt_tokens: int
     last_token_s: float | None = None
     num_output_tokens: int = 0
-    queue_time_recorded: bool = False
     finished: bool = False
-    queue_s: float | None = None  # arrival to first scheduled, from the engine core
+    queue_s: float | None = None  # arrival to first scheduled, from the engine core (None: not scheduled yet)
     traced: bool = False  # its first token is in the request trace
 
 
@@ -189,6 +188,9 @@ class AsyncEngineClient:
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
 
     def kill(self) -> None:
         if self._proc is not None and self._proc.is_alive():
@@ -325,8 +327,7 @@ class AsyncEngineClient:
                 self.metrics.update_engine_stats(msg.stats)
         for eid, queue_s in msg.queue_times_s.items():  # a request's first queue time (of its n sequences)
             tracked = self._by_engine_id.get(eid)
-            if tracked is not None and not tracked.queue_time_recorded:
-                tracked.queue_time_recorded = True
+            if tracked is not None and tracked.queue_s is None:
                 tracked.queue_s = queue_s
                 if self.metrics is not None:
                     self.metrics.queue_time.observe(queue_s)
