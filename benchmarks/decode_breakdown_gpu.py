@@ -1,10 +1,10 @@
-"""Where one batch-1 decode step's GPU time goes, per kernel, for each weight scheme (Llama-3.1-8B shape, dummy).
+"""Where one decode step's GPU time goes, per kernel, for each weight scheme (Llama-3.1-8B shape, dummy).
 
 For every scheme: the engine step's wall time, the decode CUDA graph's replay time alone, the kernels' summed busy
 time per step (torch.profiler over graph replays) and the rest (gaps between kernels inside the graph), then one row
 per kernel name: launches per step and microseconds per step.
 
-    python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--int4-rows2]
+    python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--batch 1] [--int4-rows2]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--schemes", default="none,fp8,int4_awq")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1, help="decoding requests per step (offline-like at 256)")
     ap.add_argument("--int4-rows2", action="store_true",
                     help="the 4-bit PTX chain with the two-rows-per-chain configs of the per-linear sweep (the "
                          "defaults are one row per chain: these lost in the decode graph, 3.202 vs 3.042 ms)")
@@ -66,7 +67,8 @@ def main() -> int:
         wo_gemv.choose_gemv_config = rows2
     print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__}")
     for scheme in args.schemes.split(","):
-        llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=4096, max_batch_size=8,
+        llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=4096,
+                  max_batch_size=max(8, args.batch),
                   enable_kv_cache_reuse=False)
         eng = llm.engine
         runner = eng.runner
@@ -74,8 +76,13 @@ def main() -> int:
         rng = random.Random(0)
         prompt = [rng.randrange(100, vocab - 100) for _ in range(128)]
         sp = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
-        eng.add_request(Request(request_id="b1", prompt_token_ids=prompt, sampling_params=sp))
-        for _ in range(8):  # prefill, then warm decode steps
+        ids = [f"b{i}" for i in range(args.batch)]
+        for rid in ids:
+            eng.add_request(Request(request_id=rid, prompt_token_ids=prompt, sampling_params=sp))
+        while eng.scheduler.iteration_stats()["num_queued_requests"] or eng.scheduler.iteration_stats()[
+                "num_context_requests"]:  # until every prompt is in
+            eng.step()
+        for _ in range(8):  # warm decode steps
             eng.step()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -84,8 +91,8 @@ def main() -> int:
         torch.cuda.synchronize()
         step_ms = (time.perf_counter() - t0) / args.steps * 1e3
         replay_ms = float("nan")
-        if runner.graphs is not None:
-            size = runner.graphs.padded_size(1)
+        size = runner.graphs.padded_size(args.batch) if runner.graphs is not None else None
+        if size is not None:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(args.steps):
@@ -110,7 +117,7 @@ def main() -> int:
         if rest:
             print(f"{sum(r[2] for r in rest):>9.1f} {sum(r[1] for r in rest):>6.1f} {'':>8}  "
                   f"({len(rest)} more kernels)")
-        eng.abort_requests(["b1"])
+        eng.abort_requests(ids)
         eng.step()
         del llm, eng, runner
         gc.collect()

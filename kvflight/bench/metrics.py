@@ -45,6 +45,7 @@ class RequestRecord:
     end_time_s: float | None = None  # when the response was over (stream closed)
     task_id: int = 0
     expected_output_tokens: int = 0  # what was asked for (max_tokens)
+    response_id: str = ""  # the server's id for it (OpenAI "id"), to join with the server's request trace
 
     def fail(self, kind: str, error: str) -> "RequestRecord":
         self.success = False

@@ -32,11 +32,13 @@ import numpy as np
 
 from kvflight.bench.dataset import (BenchRequest, DatasetError, add_generator_args, generate_from_args, get_tokenizer,
                                     load_dataset)
+from kvflight.bench.http_stream import HttpStreamClient, HttpStreamError
 from kvflight.bench.metrics import SLO, BenchReport, RequestRecord, build_report, format_report, format_sweep, parse_slo
 
 logger = logging.getLogger("kvflight.bench")
 
 BACKENDS: tuple[str, ...] = ("openai-completions", "openai-chat", "triton", "engine")
+HTTP_CLIENTS: tuple[str, ...] = ("auto", "httpx")
 DEFAULT_ENDPOINTS: dict[str, str] = {
     "openai-completions": "/v1/completions",
     "openai-chat": "/v1/chat/completions",
@@ -76,10 +78,13 @@ class ServeSettings:
     slo: SLO | None = None
     progress: bool = True
     extra_body: dict[str, Any] = field(default_factory=dict)
+    http_client: str = "auto"  # streamed POSTs: "auto" = the lean client for http://, httpx for https://; "httpx"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: supported: {', '.join(BACKENDS)}")
+        if self.http_client not in HTTP_CLIENTS:
+            raise ValueError(f"http_client={self.http_client!r}: supported: {', '.join(HTTP_CLIENTS)}")
         if not self.request_rates or any(not r > 0 for r in self.request_rates):
             raise ValueError(f"request rates {self.request_rates}: each must be > 0 requests/s (or inf)")
         if not self.burstiness > 0:
@@ -287,6 +292,7 @@ class HttpBackend(Backend):
         self.base_url = settings.base_url.rstrip("/")
         self.model = settings.model
         self.client: Any = None
+        self.stream_client: HttpStreamClient | None = None  # the lean client (http:// and http_client "auto")
 
     async def start(self) -> None:
         import httpx
@@ -298,6 +304,8 @@ class HttpBackend(Backend):
         timeout = httpx.Timeout(self.settings.request_timeout_s, pool=None)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, trust_env=False)
+        if self.settings.http_client == "auto" and self.base_url.startswith("http://"):
+            self.stream_client = HttpStreamClient(self.base_url, headers)
         if self.model is None:
             self.model = await self._discover_model()
 
@@ -312,9 +320,11 @@ class HttpBackend(Backend):
             raise ValueError(f"no --model given and asking {url} for the served model failed ({exc!r}); pass "
                              "--model NAME (the server's model name) and check --base-url") from None
 
+    def path(self) -> str:
+        return (self.settings.endpoint or DEFAULT_ENDPOINTS[self.name]).replace("{model}", str(self.model))
+
     def url(self) -> str:
-        path = self.settings.endpoint or DEFAULT_ENDPOINTS[self.name]
-        return self.base_url + path.replace("{model}", str(self.model))
+        return self.base_url + self.path()
 
     def body(self, req: BenchRequest) -> dict[str, Any]:
         raise NotImplementedError
@@ -330,7 +340,7 @@ class HttpBackend(Backend):
         text: list[str] = []
         got_done = False
         try:
-            async with self.client.stream("POST", self.url(), json=self.body(req)) as resp:
+            async with self._stream(req) as resp:
                 if resp.status_code != 200:
                     detail = (await resp.aread()).decode("utf-8", errors="replace")
                     raise RequestFailed(f"HTTP {resp.status_code}", f"HTTP {resp.status_code} from {self.url()}: "
@@ -348,12 +358,25 @@ class HttpBackend(Backend):
                                 "running? check --base-url") from None
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
             raise RequestFailed("broken stream", f"the connection broke mid-response: {exc!r}") from None
+        except HttpStreamError as exc:
+            if exc.kind == "connect":
+                raise RequestFailed("connection error", f"{exc}; is the server running? check --base-url") from None
+            raise RequestFailed("broken stream", str(exc)) from None
         finally:
             record.output_text = "".join(text)
         if self.needs_done and not got_done:
             raise RequestFailed("incomplete stream", "the stream closed without 'data: [DONE]'")
 
+    def _stream(self, req: BenchRequest) -> Any:
+        """An async context manager giving a response with status_code, aiter_bytes() and aread()."""
+        if self.stream_client is not None:
+            return self.stream_client.stream_post(self.path(), json.dumps(self.body(req)).encode())
+        return self.client.stream("POST", self.url(), json=self.body(req))
+
     async def aclose(self) -> None:
+        if self.stream_client is not None:
+            await self.stream_client.aclose()
+            self.stream_client = None
         if self.client is not None:
             await self.client.aclose()
             self.client = None
@@ -383,6 +406,8 @@ class OpenAICompletionsBackend(HttpBackend):
     def handle_event(self, obj: dict[str, Any], record: RequestRecord, t_arrival: float, text: list[str]) -> None:
         if obj.get("error"):
             raise RequestFailed("server error", f"the server sent an error event: {_error_text(obj['error'])}")
+        if not record.response_id and isinstance(obj.get("id"), str):
+            record.response_id = obj["id"]
         choices = obj.get("choices") or []
         if choices and isinstance(choices[0], dict):
             piece = self.chunk_text(choices[0])
@@ -801,7 +826,9 @@ def record_to_dict(rec: RequestRecord) -> dict[str, Any]:
     def ms(v: float | None) -> float | None:
         return None if v is None else v * 1e3
 
-    return {"task_id": rec.task_id, "success": rec.success, "error_kind": rec.error_kind, "error": rec.error,
+    return {"task_id": rec.task_id, "response_id": rec.response_id, "start_s": rec.start_time_s,
+            "first_token_s": rec.token_times_s[0] if rec.token_times_s else None,
+            "success": rec.success, "error_kind": rec.error_kind, "error": rec.error,
             "prompt_tokens": rec.prompt_tokens, "output_tokens": rec.output_tokens, "ttft_ms": ms(rec.ttft_s),
             "tpot_ms": ms(rec.tpot_s), "e2e_ms": ms(rec.e2e_s), "itl_ms": [g * 1e3 for g in rec.itls_s]}
 
@@ -862,6 +889,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "(/v2/models/{model}/generate_stream) or engine (in-process, no server)")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"server address ({DEFAULT_BASE_URL})")
     parser.add_argument("--endpoint", default=None, help="override the request path (default: the backend's)")
+    parser.add_argument("--http-client", choices=HTTP_CLIENTS, default="auto",
+                        help="streamed requests: auto (a lean asyncio + httptools client for http://, httpx for "
+                             "https://) or httpx (always)")
     parser.add_argument("--model", default=None,
                         help="HTTP: the served model name (default: asked from /v1/models); engine: the model "
                              "(HF directory, .gguf, preset; default: the embedded SmolLM2)")
@@ -920,7 +950,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_concurrency=args.max_concurrency, warm_up=args.warm_up, request_timeout_s=args.request_timeout,
         ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.dataset_seed,
         static_batch_size=args.static_emulated_batch_size, static_timeout_ms=args.static_emulated_timeout,
-        slo=parse_slo(args.slo) if args.slo else None, progress=not args.disable_progress, extra_body=extra)
+        slo=parse_slo(args.slo) if args.slo else None, progress=not args.disable_progress, extra_body=extra,
+        http_client=args.http_client)
 
 
 class _LazyTokenizer:

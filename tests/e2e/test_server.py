@@ -379,7 +379,7 @@ def test_request_trace_orders_each_first_token(keyed_server: Server) -> None:
     assert len(lines) == 3, lines
     for line in lines:
         t = json.loads(line)
-        assert t["prompt_tokens"] == 4 and t["request_id"].startswith("cmpl-")
+        assert t["prompt_tokens"] == 4 and t["request_id"].startswith("cmpl-") and t["arrival_s"] > 0
         assert 0 <= t["scheduled"] <= t["engine_sent"] <= t["api_received"] <= t["api_handled"], t
 
 

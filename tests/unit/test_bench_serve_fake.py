@@ -114,7 +114,8 @@ def make_app() -> FastAPI:
         n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n} \
             if (body.get("stream_options") or {}).get("include_usage") else None
-        return stream(mode, n, lambda i: {"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]},
+        return stream(mode, n, lambda i: {"id": f"cmpl-{n_prompt}", "choices": [{"index": 0, "text": f" t{i}",
+                                                                                   "finish_reason": None}]},
                       usage, done=True)
 
     @app.post("/v1/chat/completions")
@@ -178,10 +179,11 @@ def _run(settings: ServeSettings, requests: list[BenchRequest]) -> Any:
 
 
 # ---- HTTP backends ------------------------------------------------------------------------------------------------
-def test_completions_counts_failures_and_timings(server_url: str) -> None:
+@pytest.mark.parametrize("http_client", ["auto", "httpx"])  # auto: the lean client (http://)
+def test_completions_counts_failures_and_timings(server_url: str, http_client: str) -> None:
     prompts = [f"normal {i}" for i in range(5)] + ["fail500", "broken", "hang", "nodone", "badjson", "errorevent"]
     settings = ServeSettings(backend="openai-completions", base_url=server_url, request_timeout_s=CLIENT_TIMEOUT_S,
-                             progress=False, slo=None)
+                             progress=False, slo=None, http_client=http_client)
     t0 = time.perf_counter()
     (report,), (records,) = _run(settings, _requests(prompts))
     assert time.perf_counter() - t0 < HANG_S  # the hang was cut off by the client timeout
@@ -202,19 +204,57 @@ def test_completions_counts_failures_and_timings(server_url: str) -> None:
     assert report.itl_ms.count == 5 * 4
     assert report.duration_s >= CLIENT_TIMEOUT_S * 0.9
     assert report.total_output_tokens == 25
+    assert all(r.response_id == "cmpl-2" for r in ok)  # the server's id, to join with its request trace
     body = STATS.bodies[0]
     assert body["stream"] is True and body["ignore_eos"] is True and body["temperature"] == 0.0
     assert body["stream_options"] == {"include_usage": True} and body["model"] == "fake-model"  # from /v1/models
 
 
-def test_connection_refused_is_recorded(server_url: str) -> None:
+@pytest.mark.parametrize("http_client", ["auto", "httpx"])
+def test_connection_refused_is_recorded(server_url: str, http_client: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nobody listens here
-    settings = ServeSettings(base_url=f"http://127.0.0.1:{port}", model="m", request_timeout_s=2, progress=False)
+    settings = ServeSettings(base_url=f"http://127.0.0.1:{port}", model="m", request_timeout_s=2, progress=False,
+                             http_client=http_client)
     (report,), _ = _run(settings, _requests(["a", "b", "c"]))
     assert report.num_completed == 0 and report.failure_reasons == {"connection error": 3}
     assert report.ttft_ms.mean is None
+
+
+def test_lean_client_reuses_connections_and_drops_half_read_ones(server_url: str) -> None:
+    from kvflight.bench.http_stream import HttpStreamClient, HttpStreamError
+
+    async def main() -> None:
+        client = HttpStreamClient(server_url, {"User-Agent": "t"})
+        body = json.dumps({"prompt": "normal x", "max_tokens": 3, "stream": True}).encode()
+        for _ in range(3):  # one after another: the same keep-alive connection
+            async with client.stream_post("/v1/completions", body) as resp:
+                assert resp.status_code == 200
+                data = (await resp.aread()).decode()
+            assert data.count("data: ") == 4 and data.endswith("data: [DONE]\n\n")
+        assert len(client._open) == 1 and len(client._idle) == 1
+        async with client.stream_post("/v1/completions", json.dumps({"prompt": "fail500", "max_tokens": 1})
+                                      .encode()) as resp:
+            assert resp.status_code == 500 and b"fake failure" in await resp.aread()
+        with pytest.raises(TimeoutError):  # given up mid-stream: that connection is closed, not pooled
+            async with asyncio.timeout(TTFT_S + ITL_S / 2):
+                async with client.stream_post("/v1/completions", body) as resp:
+                    async for _ in resp.aiter_bytes():
+                        pass
+        assert len(client._idle) == 0 and len(client._open) == 0
+        async with client.stream_post("/v1/completions", body) as resp:  # a fresh connection works
+            assert (await resp.aread()).count(b"data: ") == 4
+        await client.aclose()
+        with pytest.raises(ValueError, match="plain http"):
+            HttpStreamClient("https://example.com")
+        refused = HttpStreamClient("http://127.0.0.1:9")  # the discard port: nobody listens
+        with pytest.raises(HttpStreamError, match="cannot connect") as err:
+            async with refused.stream_post("/x", b"{}"):
+                pass
+        assert err.value.kind == "connect"
+
+    asyncio.run(main())
 
 
 def test_chat_backend_skips_role_chunk(server_url: str) -> None:
