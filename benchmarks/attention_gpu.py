@@ -12,6 +12,7 @@
 3. Prefill, batch 1, 4096 tokens, same shape: TFLOP/s (causal flops = 2 * 2 * S * S / 2 * H * D) vs torch
    scaled_dot_product_attention(is_causal=True) and vs the bf16 matmul rate.
 --tune sweeps tile configs for decode and prefill first (prints one line per config).
+--batch-sweep sweeps the decode tile config at batches 32..256 and contexts 160..4096, then exits.
 """
 
 from __future__ import annotations
@@ -295,8 +296,46 @@ def short_context_sweep(batches: tuple[int, ...] = (1, 4, 16), contexts: tuple[i
     torch.cuda.empty_cache()
 
 
+def batch_sweep(batches: tuple[int, ...] = (32, 64, 128, 256), contexts: tuple[int, ...] = (160, 320, 640, 1280, 4096),
+                block_ns: tuple[int, ...] = (32, 64, 128), stage_counts: tuple[int, ...] = (1, 3, 5),
+                warp_counts: tuple[int, ...] = (2, 4)) -> None:
+    """Decode at large batches (programs >> SMs, no split): KV tile, pipelining and warps, us per call (CUDA-graph
+    replays, block tables rotated past L2), the current default first; KV read rate as a share of copy bandwidth."""
+    original = pa._launch_config
+    copy_bw = copy_bandwidth_bytes_per_s()
+    bench = DecodeBench(max(batches) * max(contexts) + 64 * TPB)
+    configs = [(n, st, w) for n in block_ns for st in stage_counts for w in warp_counts]
+    print(f"large-batch decode sweep (copy {copy_bw / 1e12:.2f} TB/s); cells: BLOCK_N/num_stages/warps us")
+    for batch in batches:
+        for context in contexts:
+            base = bench.time_us(batch, context, 1)
+            cells = []
+            for block_n, stages, warps in configs:
+                def cfg(*args, block_n=block_n, stages=stages, warps=warps, **kwargs):
+                    c = original(*args, **kwargs)
+                    c.update(BLOCK_N=block_n, num_stages=stages, num_warps=warps)
+                    return c
+                pa._launch_config = cfg
+                try:
+                    cells.append((bench.time_us(batch, context, 1), f"{block_n}/{stages}/{warps}"))
+                except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+                    cells.append((float("inf"), f"{block_n}/{stages}/{warps} {type(e).__name__}"))
+                pa._launch_config = original
+            best = min(cells)
+            kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
+
+            def share(us: float) -> str:
+                return f"{kv_bytes / (us * 1e-6) / copy_bw:5.1%}"
+            print(f"b={batch:<4d} ctx={context:<5d} default {base:7.1f} ({share(base)}) | best {best[1]} "
+                  f"{best[0]:7.1f} ({share(best[0])}) | " + " ".join(f"{name}={us:.1f}" for us, name in cells),
+                  flush=True)
+    del bench
+    torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-sweep", action="store_true", help="large-batch decode tile sweep, then exit")
     parser.add_argument("--short-sweep", action="store_true", help="small-batch decode: split-K tile sweep, then exit")
     parser.add_argument("--contexts", default="128,256,512,1024", help="--short-sweep contexts")
     parser.add_argument("--batches", default="1,4,16", help="--short-sweep batch sizes")
@@ -306,6 +345,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    if args.batch_sweep:
+        batch_sweep()
+        return 0
     if args.short_sweep:
         short_context_sweep(tuple(int(b) for b in args.batches.split(",")),
                             tuple(int(c) for c in args.contexts.split(",")))

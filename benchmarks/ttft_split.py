@@ -3,7 +3,9 @@
 Both sides' clocks are CLOCK_MONOTONIC on Linux (time.monotonic in the server, time.perf_counter in the client), so
 the client's send and first-token times line up with the server's stages when both ran on one host.
 
-    python benchmarks/ttft_split.py TRACE.jsonl RESULT.json   (the result's warm-up requests are not in it: only measured ones join)
+    python benchmarks/ttft_split.py TRACE.jsonl RESULT.json
+
+(a result file holds no warm-up requests: only measured ones join).
 
 Prints percentiles of each stage's share, in ms:
   to_api      client send -> arrival in the API process (HTTP request, validation, tokenizing)

@@ -18,6 +18,7 @@ float32 output, running max and sum of exponentials (base 2) to a workspace; _me
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +37,8 @@ MIN_TOKENS_PER_SPLIT = 256
 # ... and only from this context length on (H100, batch 1, 8 KV heads, 32-token split tiles, us per call no split /
 # split: 256 tokens 6.8 / 7.1, 384 tokens 8.2 / 6.8, 512 tokens 9.8 / 8.1; batch 4 at 384: 9.3 / 8.8)
 AUTO_SPLIT_MIN_SEQ_LEN = 384
+# decode launches with at least this many programs (sequences x KV heads x splits) per SM take the small tiles
+MANY_PROGRAMS_PER_SM = 3.0
 # ... and aim for this many programs per SM (programs = num_seqs * num_kv_heads * num_splits)
 TARGET_PROGRAMS_PER_SM = 4
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -314,9 +317,16 @@ def _check_inputs(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
             raise ValueError("out must be contiguous in head_dim (stride 1 on the last dim)")
 
 
-def _launch_config(group: int, head_dim_pad: int, max_query_len: int, elem_bytes: int, num_splits: int = 1) -> dict:
+def _launch_config(group: int, head_dim_pad: int, max_query_len: int, elem_bytes: int, num_splits: int = 1,
+                   programs_per_sm: float = 0.0) -> dict:
     """Tile shapes for one launch. Decode-like launches (few rows per sequence) use a narrow BLOCK_M and deep
     pipelining to keep many KV bytes in flight; prefill-like launches use 128-row tiles for the tensor cores.
+    Decode launches with many programs per SM (programs_per_sm >= MANY_PROGRAMS_PER_SM: large batches) instead use
+    64-token KV tiles, one buffer and 2 warps: several small programs per SM keep the bytes in flight, where one
+    program holding ~130 KB of buffers left the SM idle between short sequences (H100, Llama-8B shape,
+    benchmarks/attention_gpu.py --batch-sweep, us per call, default -> this: batch 256 at context 160 108.0 -> 67.4,
+    320 147.8 -> 120.9, 640 241.7 -> 231.3, 4096 1424.7 -> 1420.5; batch 64: 32.3 -> 20.0, 47.1 -> 33.7,
+    69.9 -> 61.3, 363.7 -> 358.1; batch 32, 1.9 programs per SM, stays: 186.3 -> 190.8 at 4096).
     Split-K decode launches (num_splits > 1) use 32-token KV tiles and one buffer: each program covers a short
     stretch, and the 128-token tiles left most programs with nothing to read while holding the shared memory (H100,
     Llama-8B shape, benchmarks/attention_gpu.py --short-sweep, us per call, 128-token / 5-stage -> 32 / 3: batch 1,
@@ -350,8 +360,17 @@ def _launch_config(group: int, head_dim_pad: int, max_query_len: int, elem_bytes
     if decode_like and num_splits > 1:
         block_n = min(block_n, 32)
         kv_buffers = 1
+    elif decode_like and programs_per_sm >= MANY_PROGRAMS_PER_SM:
+        block_n = min(block_n, 64)
+        kv_buffers = 1
+        num_warps = 2
     num_stages = 2 * kv_buffers + 1 if decode_like else kv_buffers + 1
     return dict(BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def paged_attention(
@@ -397,7 +416,9 @@ def paged_attention(
         return out
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    cfg = _launch_config(group, head_dim_pad, max_query_len, q.element_size(), num_splits=num_splits)
+    programs_per_sm = num_seqs * num_kv_heads * num_splits / _num_sms(q.device) if q.is_cuda else 0.0
+    cfg = _launch_config(group, head_dim_pad, max_query_len, q.element_size(), num_splits=num_splits,
+                         programs_per_sm=programs_per_sm)
     block_q = cfg["BLOCK_Q"]
     single_tile = max_query_len <= block_q
     num_q_tiles = num_seqs if single_tile else num_tokens // block_q + num_seqs
@@ -447,8 +468,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
     "auto" -> 1 unless the batch is decode-only (max_query_len <= 1) and num_seqs * num_kv_heads <= num_sms / 2
               (over half the SMs would sit idle; at 128 programs on 132 SMs the H100 already reads at ~87% of
               copy bandwidth and splitting was slower) and, when max_seq_len is known, max_seq_len >=
-              AUTO_SPLIT_MIN_SEQ_LEN (longer contexts); then as "on". max_seq_len None (unknown, e.g. under CUDA-graph capture) decides
-              from the batch shape only.
+              AUTO_SPLIT_MIN_SEQ_LEN (longer contexts); then as "on". max_seq_len None (unknown, e.g. under
+              CUDA-graph capture) decides from the batch shape only.
     The result is in [1, MAX_NUM_SPLITS].
     """
     if mode not in _SPLIT_MODES:
