@@ -39,6 +39,7 @@ MIN_TOKENS_PER_SPLIT = 256
 AUTO_SPLIT_MIN_SEQ_LEN = 384
 # decode launches with at least this many programs (sequences x KV heads x splits) per SM take the small tiles
 MANY_PROGRAMS_PER_SM = 3.0
+SOME_PROGRAMS_PER_SM = 1.4  # ... and from this many on (below MANY_...) the default tiles without pipelining
 # ... and aim for this many programs per SM (programs = num_seqs * num_kv_heads * num_splits)
 TARGET_PROGRAMS_PER_SM = 4
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -326,7 +327,9 @@ def _launch_config(group: int, head_dim_pad: int, max_query_len: int, elem_bytes
     program holding ~130 KB of buffers left the SM idle between short sequences (H100, Llama-8B shape,
     benchmarks/attention_gpu.py --batch-sweep, us per call, default -> this: batch 256 at context 160 108.0 -> 67.4,
     320 147.8 -> 120.9, 640 241.7 -> 231.3, 4096 1424.7 -> 1420.5; batch 64: 32.3 -> 20.0, 47.1 -> 33.7,
-    69.9 -> 61.3, 363.7 -> 358.1; batch 32, 1.9 programs per SM, stays: 186.3 -> 190.8 at 4096).
+    69.9 -> 61.3, 363.7 -> 358.1). From SOME_PROGRAMS_PER_SM (1.4) to 3 the default tiles stay but unpipelined
+    (num_stages 1): batch 24 at context 320 22.0 -> 16.8, 1280 52.3 -> 49.7, 4096 144.6 -> 148.1; batch 32 25.4 ->
+    19.4, 65.7 -> 60.9, 185.2 -> 183.0; batch 16 (one program per SM) keeps the two buffers.
     Split-K decode launches (num_splits > 1) use 32-token KV tiles and one buffer: each program covers a short
     stretch, and the 128-token tiles left most programs with nothing to read while holding the shared memory (H100,
     Llama-8B shape, benchmarks/attention_gpu.py --short-sweep, us per call, 128-token / 5-stage -> 32 / 3: batch 1,
@@ -364,6 +367,8 @@ def _launch_config(group: int, head_dim_pad: int, max_query_len: int, elem_bytes
         block_n = min(block_n, 64)
         kv_buffers = 1
         num_warps = 2
+    elif decode_like and programs_per_sm >= SOME_PROGRAMS_PER_SM:
+        kv_buffers = 0  # no software pipelining: two programs per SM overlap each other's loads instead
     num_stages = 2 * kv_buffers + 1 if decode_like else kv_buffers + 1
     return dict(BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 

@@ -157,29 +157,35 @@ def test_split_k_tiles_inside_large_blocks(device: str) -> None:
 
 
 # ---- many programs per SM: the large-batch decode tiles ----------------------------------------------------------
-def test_large_batch_decode_tiles(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """64 decodes x 8 KV heads: >= MANY_PROGRAMS_PER_SM programs per SM on an H100 (forced on the interpreter)
-    select 64-token KV tiles, one buffer, 2 warps; short and block-straddling contexts still match the reference."""
+@pytest.mark.parametrize("num_seqs,forced_programs_per_sm", [(32, 2.0), (64, 10.0)])
+def test_large_batch_decode_tiles(num_seqs: int, forced_programs_per_sm: float, device: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """32 / 64 decodes x 8 KV heads: ~2 / ~4 programs per SM on an H100 (forced on the interpreter) select the
+    unpipelined default tiles / 64-token KV tiles with one buffer and 2 warps; short and block-straddling contexts
+    still match the reference."""
     from kvflight.kernels import paged_attention as pa
 
     real, seen = pa._launch_config, []
 
     def spy(*args, **kwargs):
         if device == "cpu":
-            kwargs["programs_per_sm"] = 10.0
+            kwargs["programs_per_sm"] = forced_programs_per_sm
         cfg = real(*args, **kwargs)
         seen.append((kwargs["programs_per_sm"], cfg))
         return cfg
 
     monkeypatch.setattr(pa, "_launch_config", spy)
-    seq_lens = [1 + (37 * i) % 150 for i in range(64)]
-    _check([1] * 64, seq_lens, 16, 8, 64, 16, device, seed=50)
+    seq_lens = [1 + (37 * i) % 150 for i in range(num_seqs)]
+    _check([1] * num_seqs, seq_lens, 16, 8, 64, 16, device, seed=50 + num_seqs)
     programs_per_sm, cfg = seen[-1]
     if programs_per_sm >= pa.MANY_PROGRAMS_PER_SM:
         assert (cfg["BLOCK_N"], cfg["num_stages"], cfg["num_warps"]) == (64, 3, 2)
-    # the rule itself: decode-like only, not with split-K, not for few programs
+    elif programs_per_sm >= pa.SOME_PROGRAMS_PER_SM:
+        assert (cfg["BLOCK_N"], cfg["num_stages"], cfg["num_warps"]) == (128, 1, 4)
+    # the rule itself: decode-like only, not with split-K, the default for about one program per SM
     assert real(4, 128, 1, 2, programs_per_sm=4.0)["BLOCK_N"] == 64
-    assert real(4, 128, 1, 2, programs_per_sm=1.0)["BLOCK_N"] == 128
+    assert real(4, 128, 1, 2, programs_per_sm=2.0)["num_stages"] == 1
+    assert real(4, 128, 1, 2, programs_per_sm=1.0)["num_stages"] == 5
     assert real(4, 128, 1, 2, num_splits=4, programs_per_sm=8.0)["BLOCK_N"] == 32
     assert real(4, 128, 512, 2, programs_per_sm=8.0)["num_warps"] == 8  # prefill tiles unchanged
 
