@@ -13,6 +13,7 @@
    scaled_dot_product_attention(is_causal=True) and vs the bf16 matmul rate.
 --tune sweeps tile configs for decode and prefill first (prints one line per config).
 --batch-sweep sweeps the decode tile config at batches 32..256 and contexts 160..4096, then exits.
+--prefill-sweep times fresh prefills (512..4096 tokens) per tile config beside torch SDPA, then exits.
 """
 
 from __future__ import annotations
@@ -333,8 +334,47 @@ def batch_sweep(batches: tuple[int, ...] = (32, 64, 128, 256), contexts: tuple[i
     torch.cuda.empty_cache()
 
 
+def prefill_sweep(seqs: tuple[int, ...] = (512, 1024, 2048, 4096)) -> None:
+    """Fresh prefills (batch 1, no cached prefix, causal): tile configs at each length, TFLOP/s, the current default
+    and torch SDPA (flash) first."""
+    original = pa._launch_config
+    configs = [(m, n, w, st) for m in (64, 128) for n in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    for seq in seqs:
+        q, kv_cache, table, qsl, sl = make_batch([seq], [seq], HEADS, KV_HEADS, HEAD_DIM, TPB, seed=1)
+        flops = 2 * seq * seq * HEADS * HEAD_DIM  # causal: half of 4 * S^2 * H * D
+
+        def run():
+            return pa.paged_attention(q, kv_cache, table, qsl, sl, HEAD_DIM ** -0.5, max_query_len=seq)
+        base = time_ms(run, iters=10) * 1e3
+        k, v = reference.gather_kv(kv_cache, table[0], seq)
+        group = HEADS // KV_HEADS
+        qs = q.transpose(0, 1)[None]
+        ks = k.repeat_interleave(group, dim=1).transpose(0, 1)[None].contiguous()
+        vs = v.repeat_interleave(group, dim=1).transpose(0, 1)[None].contiguous()
+        sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
+                       iters=10) * 1e3
+        cells = []
+        for block_m, block_n, warps, stages in configs:
+            def cfg(group, head_dim_pad, max_query_len, elem, num_splits=1, programs_per_sm=0.0, block_m=block_m,
+                    block_n=block_n, warps=warps, stages=stages):
+                return dict(BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n, num_warps=warps,
+                            num_stages=stages)
+            pa._launch_config = cfg
+            try:
+                cells.append((time_ms(run, iters=10) * 1e3, f"{block_m}/{block_n}/{warps}/{stages}"))
+            except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+                cells.append((float("inf"), f"{block_m}/{block_n}/{warps}/{stages} {type(e).__name__}"))
+            pa._launch_config = original
+        best = min(cells)
+        tf = lambda us: flops / (us * 1e-6) / 1e12  # noqa: E731
+        print(f"prefill S={seq:<5d} default {base:7.1f} us ({tf(base):4.0f} TF) | sdpa {sdpa:7.1f} ({tf(sdpa):4.0f}) | "
+              f"best M/N/w/st {best[1]} {best[0]:7.1f} ({tf(best[0]):4.0f}) | "
+              + " ".join(f"{name}={us:.0f}" for us, name in cells), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--prefill-sweep", action="store_true", help="prefill tile sweep at 512..4096, then exit")
     parser.add_argument("--batch-sweep", action="store_true", help="large-batch decode tile sweep, then exit")
     parser.add_argument("--short-sweep", action="store_true", help="small-batch decode: split-K tile sweep, then exit")
     parser.add_argument("--contexts", default="128,256,512,1024", help="--short-sweep contexts")
@@ -345,6 +385,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    if args.prefill_sweep:
+        prefill_sweep()
+        return 0
     if args.batch_sweep:
         batch_sweep()
         return 0
