@@ -238,8 +238,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_kernels(self) -> None:
-        """Compile the attention kernel's tile variants (picked by the step's longest query) before the first
-        request instead of during it: one tiny forward per variant, all in the scratch block."""
+        """Compile the attention kernel's tile variants (picked by the step's longest query, and for decodes by the
+        batch size) before the first request instead of during it: one small forward per variant, all in the
+        scratch block."""
         scratch_block = self.plan.num_blocks if self.plan else 0
         for query_len in (1, 2, 4, 8, 16, 32, 64, 256):
             if query_len > min(self.buffers.max_num_tokens, self.max_seq_len):
@@ -247,6 +248,18 @@ class ModelRunner:
             tables = [[scratch_block] * math.ceil(query_len / self.tokens_per_block)]
             inputs = self.buffers.prepare([0], [query_len], tables, [True], [[0] * query_len])
             meta = self._metadata(inputs, query_len, 1)
+            self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+        # decode batches at the tile-rule boundaries (paged_attention._launch_config: programs per SM); eager steps
+        # (enforce_eager, batches past the largest graph) would otherwise compile them mid-serving
+        from kvflight.kernels.paged_attention import MANY_PROGRAMS_PER_SM, SOME_PROGRAMS_PER_SM
+
+        for programs_per_sm in (SOME_PROGRAMS_PER_SM, MANY_PROGRAMS_PER_SM):
+            size = math.ceil(programs_per_sm * self._num_sms / self.num_kv_heads)
+            if size > min(self.buffers.max_num_seqs, self.buffers.max_num_tokens):
+                break
+            inputs = self.buffers.prepare([0] * size, [1] * size, [[scratch_block]] * size, [True] * size,
+                                          [[0]] * size)
+            meta = self._metadata(inputs, 1, self._num_splits(size, 1, None))
             self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
         torch.cuda.synchronize(self.device)
 
