@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 
@@ -229,19 +230,33 @@ def prefill_table(matmul_rate: float, seq: int = 4096) -> list[str]:
 
 
 # ---- tuning sweep -----------------------------------------------------------------------------------------------
-def tune() -> None:
+@contextlib.contextmanager
+def launch_config(**updates):
+    """paged_attention with these keys of its launch config replaced (BLOCK_Q follows a given BLOCK_M: BLOCK_M //
+    group), the kernel's own choice for the rest; restored on exit."""
     original = pa._launch_config
+
+    def cfg(group, *args, **kwargs):
+        c = original(group, *args, **kwargs)
+        c.update(updates)
+        if "BLOCK_M" in updates:
+            c["BLOCK_Q"] = updates["BLOCK_M"] // group
+        return c
+    pa._launch_config = cfg
+    try:
+        yield
+    finally:
+        pa._launch_config = original
+
+
+def tune() -> None:
     bench = DecodeBench(64 * 8192)
     decode_cases = [(16, 2048, 1), (64, 8192, 1), (16, 2048, 4), (1, 8192, 4)]
     decode_configs = [(n, 4, st) for n in (32, 64, 128) for st in (3, 5, 7)] + [(64, 8, 5), (128, 8, 5)]
     for block_n, warps, stages in decode_configs:
-        def cfg(*args, block_n=block_n, warps=warps, stages=stages, **kwargs):
-            c = original(*args, **kwargs)
-            c.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-            return c
-        pa._launch_config = cfg
         try:
-            times = [bench.time_us(*case) for case in decode_cases]
+            with launch_config(BLOCK_N=block_n, num_warps=warps, num_stages=stages):
+                times = [bench.time_us(*case) for case in decode_cases]
             print(f"tune decode N={block_n} w={warps} st={stages}: "
                   + " ".join(f"{b}x{c}/s{s}={t:.1f}us" for (b, c, s), t in zip(decode_cases, times)))
         except Exception as e:  # out of shared memory etc.
@@ -254,26 +269,20 @@ def tune() -> None:
     prefill_configs = [(128, n, 8, st) for n in (64, 128) for st in (2, 3, 4)] + [(128, 64, 4, 3), (64, 64, 4, 3),
                                                                                    (64, 64, 4, 4)]
     for block_m, block_n, warps, stages in prefill_configs:
-        def cfg(group, head_dim_pad, max_query_len, elem, num_splits=1, block_m=block_m, block_n=block_n,
-                warps=warps, stages=stages):
-            return dict(BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n, num_warps=warps,
-                        num_stages=stages)
-        pa._launch_config = cfg
         try:
-            ms = time_ms(lambda: pa.paged_attention(q, kv_cache, table, qsl, sl, HEAD_DIM ** -0.5,
-                                                    max_query_len=seq), iters=5)
+            with launch_config(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages):
+                ms = time_ms(lambda: pa.paged_attention(q, kv_cache, table, qsl, sl, HEAD_DIM ** -0.5,
+                                                        max_query_len=seq), iters=5)
             print(f"tune prefill M={block_m} N={block_n} w={warps} st={stages}: {ms * 1e3:.0f} us "
                   f"{flops / ms * 1e-9:.0f} TFLOP/s")
         except Exception as e:
             print(f"tune prefill M={block_m} N={block_n} w={warps} st={stages}: {type(e).__name__} {e}"[:200])
-    pa._launch_config = original
 
 
 def short_context_sweep(batches: tuple[int, ...] = (1, 4, 16), contexts: tuple[int, ...] = (128, 256, 512, 1024),
                         block_ns: tuple[int, ...] = (16, 32, 64, 128), stage_counts: tuple[int, ...] = (3, 5)) -> None:
     """Decode at small batches: no split against split-K (as many splits as a captured graph uses) with other KV
     tiles. Microseconds per call (CUDA-graph replays, block tables rotated past L2)."""
-    original = pa._launch_config
     bench = DecodeBench(max(batches) * max(max(contexts), 8192))
     for batch in batches:
         splits = max(2, math.ceil(pa.TARGET_PROGRAMS_PER_SM * bench.num_sms / (batch * KV_HEADS)))
@@ -281,16 +290,11 @@ def short_context_sweep(batches: tuple[int, ...] = (1, 4, 16), contexts: tuple[i
             cells = [f"off {bench.time_us(batch, context, 1):6.2f}"]
             for block_n in block_ns:
                 for stages in stage_counts:
-                    def cfg(*args, block_n=block_n, stages=stages, **kwargs):
-                        c = original(*args, **kwargs)
-                        c.update(BLOCK_N=block_n, num_stages=stages)
-                        return c
-                    pa._launch_config = cfg
                     try:
-                        cells.append(f"n{block_n}/st{stages} {bench.time_us(batch, context, splits):6.2f}")
+                        with launch_config(BLOCK_N=block_n, num_stages=stages):
+                            cells.append(f"n{block_n}/st{stages} {bench.time_us(batch, context, splits):6.2f}")
                     except Exception as e:
                         cells.append(f"n{block_n}/st{stages} {type(e).__name__}")
-                    pa._launch_config = original
             print(f"short b={batch:<2d} ctx={context:<5d} splits={splits:<3d} us/call: " + " | ".join(cells),
                   flush=True)
     del bench
@@ -302,7 +306,6 @@ def batch_sweep(batches: tuple[int, ...] = (32, 64, 128, 256), contexts: tuple[i
                 warp_counts: tuple[int, ...] = (2, 4)) -> None:
     """Decode at large batches (programs >> SMs, no split): KV tile, pipelining and warps, us per call (CUDA-graph
     replays, block tables rotated past L2), the current default first; KV read rate as a share of copy bandwidth."""
-    original = pa._launch_config
     copy_bw = copy_bandwidth_bytes_per_s()
     bench = DecodeBench(max(batches) * max(contexts) + 64 * TPB)
     configs = [(n, st, w) for n in block_ns for st in stage_counts for w in warp_counts]
@@ -312,16 +315,11 @@ def batch_sweep(batches: tuple[int, ...] = (32, 64, 128, 256), contexts: tuple[i
             base = bench.time_us(batch, context, 1)
             cells = []
             for block_n, stages, warps in configs:
-                def cfg(*args, block_n=block_n, stages=stages, warps=warps, **kwargs):
-                    c = original(*args, **kwargs)
-                    c.update(BLOCK_N=block_n, num_stages=stages, num_warps=warps)
-                    return c
-                pa._launch_config = cfg
                 try:
-                    cells.append((bench.time_us(batch, context, 1), f"{block_n}/{stages}/{warps}"))
+                    with launch_config(BLOCK_N=block_n, num_stages=stages, num_warps=warps):
+                        cells.append((bench.time_us(batch, context, 1), f"{block_n}/{stages}/{warps}"))
                 except Exception as e:  # noqa: BLE001 - out of shared memory etc.
                     cells.append((float("inf"), f"{block_n}/{stages}/{warps} {type(e).__name__}"))
-                pa._launch_config = original
             best = min(cells)
             kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
 
@@ -337,7 +335,6 @@ def batch_sweep(batches: tuple[int, ...] = (32, 64, 128, 256), contexts: tuple[i
 def prefill_sweep(seqs: tuple[int, ...] = (512, 1024, 2048, 4096)) -> None:
     """Fresh prefills (batch 1, no cached prefix, causal): tile configs at each length, TFLOP/s, the current default
     and torch SDPA (flash) first."""
-    original = pa._launch_config
     configs = [(m, n, w, st) for m in (64, 128) for n in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
     for seq in seqs:
         q, kv_cache, table, qsl, sl = make_batch([seq], [seq], HEADS, KV_HEADS, HEAD_DIM, TPB, seed=1)
@@ -355,16 +352,11 @@ def prefill_sweep(seqs: tuple[int, ...] = (512, 1024, 2048, 4096)) -> None:
                        iters=10) * 1e3
         cells = []
         for block_m, block_n, warps, stages in configs:
-            def cfg(group, head_dim_pad, max_query_len, elem, num_splits=1, programs_per_sm=0.0, block_m=block_m,
-                    block_n=block_n, warps=warps, stages=stages):
-                return dict(BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n, num_warps=warps,
-                            num_stages=stages)
-            pa._launch_config = cfg
             try:
-                cells.append((time_ms(run, iters=10) * 1e3, f"{block_m}/{block_n}/{warps}/{stages}"))
+                with launch_config(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages):
+                    cells.append((time_ms(run, iters=10) * 1e3, f"{block_m}/{block_n}/{warps}/{stages}"))
             except Exception as e:  # noqa: BLE001 - out of shared memory etc.
                 cells.append((float("inf"), f"{block_m}/{block_n}/{warps}/{stages} {type(e).__name__}"))
-            pa._launch_config = original
         best = min(cells)
         tf = lambda us: flops / (us * 1e-6) / 1e12  # noqa: E731
         print(f"prefill S={seq:<5d} default {base:7.1f} us ({tf(base):4.0f} TF) | sdpa {sdpa:7.1f} ({tf(sdpa):4.0f}) | "
