@@ -54,8 +54,7 @@ class _Tracked:
     num_output_tokens: int = 0
     finished: bool = False
     queue_s: float | None = None  # arrival to first scheduled, from the engine core (None: not scheduled yet)
-    traced: bool = False  # its first token is in the request trace
-    got_token: bool = False  # an output with a token went to its consumer
+    got_token: bool = False  # an output with a token went to its consumer (and, tracing, to the request trace)
 
 
 class RequestTrace:
@@ -345,10 +344,10 @@ class AsyncEngineClient:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:
                 continue
-            tracked.got_token = tracked.got_token or any(c.token_ids for c in out.outputs)
-            if self.trace is not None and not tracked.traced and any(c.token_ids for c in out.outputs):
-                tracked.traced = True
-                self.trace.first_token(tracked, msg.sent_s, received_s, now)
+            if not tracked.got_token and any(c.token_ids for c in out.outputs):
+                tracked.got_token = True
+                if self.trace is not None:
+                    self.trace.first_token(tracked, msg.sent_s, received_s, now)
             if self.metrics is not None:
                 self._observe_tokens(tracked, out, now)
             tracked.queue.put_nowait(out)
