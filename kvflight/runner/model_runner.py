@@ -257,8 +257,7 @@ class ModelRunner:
             size = math.ceil(programs_per_sm * self._num_sms / self.num_kv_heads)
             if size > min(self.buffers.max_num_seqs, self.buffers.max_num_tokens):
                 break
-            inputs = self.buffers.prepare([0] * size, [1] * size, [[scratch_block]] * size, [True] * size,
-                                          [[0]] * size)
+            inputs = self._scratch_decode_inputs(size)
             meta = self._metadata(inputs, 1, self._num_splits(size, 1, None))
             self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
         torch.cuda.synchronize(self.device)
@@ -281,18 +280,19 @@ class ModelRunner:
             return [1]
         return [split] if mode == "on" else [1, split]
 
+    def _scratch_decode_inputs(self, size: int) -> StepInputs:
+        """size one-token sequences, each with a one-token context in the scratch block (warm-up and capture)."""
+        scratch_block = self.plan.num_blocks if self.plan else 0
+        return self.buffers.prepare([0] * size, [1] * size, [[scratch_block]] * size, [True] * size, [[0]] * size)
+
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
         assert self.graphs is not None
-        scratch_block = self.plan.num_blocks if self.plan else 0
-
         prepared: dict[int, StepInputs] = {}
 
         def prepare(size: int) -> None:
-            # size one-token sequences, each with a one-token context in the scratch block (values are irrelevant:
-            # each replay's step fills every input first)
-            prepared[size] = self.buffers.prepare([0] * size, [1] * size, [[scratch_block]] * size, [True] * size,
-                                                  [[0]] * size)
+            # values are irrelevant: each replay's step fills every input first
+            prepared[size] = self._scratch_decode_inputs(size)
 
         def run_forward(size: int, num_splits: int) -> torch.Tensor:
             inputs = prepared[size]
