@@ -38,6 +38,15 @@ def kernel_rows(prof: torch.profiler.profile, steps: int) -> list[tuple[str, flo
     return sorted(rows, key=lambda r: -r[2])
 
 
+def step_until_decoding(eng) -> None:
+    """Step the engine until no request waits or still has prompt tokens to prefill (every prompt is in)."""
+    while True:
+        stats = eng.scheduler.iteration_stats()
+        if not (stats["num_queued_requests"] or stats["num_context_requests"]):
+            return
+        eng.step()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
@@ -79,9 +88,7 @@ def main() -> int:
         ids = [f"b{i}" for i in range(args.batch)]
         for rid in ids:
             eng.add_request(Request(request_id=rid, prompt_token_ids=prompt, sampling_params=sp))
-        while eng.scheduler.iteration_stats()["num_queued_requests"] or eng.scheduler.iteration_stats()[
-                "num_context_requests"]:  # until every prompt is in
-            eng.step()
+        step_until_decoding(eng)
         for _ in range(8):  # warm decode steps
             eng.step()
         torch.cuda.synchronize()

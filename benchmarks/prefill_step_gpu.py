@@ -20,7 +20,7 @@ os.environ.setdefault("KVFLIGHT_PDL", "0")
 
 import torch  # noqa: E402
 
-from decode_breakdown_gpu import kernel_rows  # noqa: E402
+from decode_breakdown_gpu import kernel_rows, step_until_decoding  # noqa: E402
 from kvflight import LLM, SamplingParams  # noqa: E402
 from kvflight.bench.limits import matmul_flops_per_s  # noqa: E402
 from kvflight.types import Request  # noqa: E402
@@ -51,9 +51,7 @@ def main() -> int:
     for i in range(args.decodes):
         eng.add_request(Request(request_id=f"d{i}", prompt_token_ids=[rng.randrange(100, vocab - 100)
                                                                        for _ in range(1024)], sampling_params=sp))
-    while eng.scheduler.iteration_stats()["num_queued_requests"] or eng.scheduler.iteration_stats()[
-            "num_context_requests"]:  # until every decode's prompt is in
-        eng.step()
+    step_until_decoding(eng)  # every decode's prompt is in
     for _ in range(4):
         eng.step()
     print(f"{'mix':>8} {'decodes':>7} {'step ms':>8} {'matmul floor ms':>15} {'of floor':>8}")
