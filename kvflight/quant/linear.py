@@ -11,7 +11,8 @@ Parameters per scheme (N output, K input features of this rank):
                                                               1 row: wo_gemv; >= 128 rows: dequantize_8bit + cuBLAS
     int4_*    qweight [N, K/2] uint8, scales [N, K/G] float16, qzeros [N, K/G] uint8 (if zero points)
                                                                                  -> w4a16_matmul (Triton on CUDA);
-                                                              1 row: wo_gemv; >= 17 rows: dequantize_int4 + cuBLAS
+                                                              1 row: wo_gemv; 2..8 rows: w4_mma_gemv;
+                                                              >= 17 rows: dequantize_int4 + cuBLAS
     fp8       weight [N, K] float8_e4m3fn, weight_scale [N] float32               -> torch._scaled_mm (sm >= 8.9);
                                                               <= 16 rows: w8a16_matmul on the fp8 weights
                                                               (1 row: wo_gemv on them)
@@ -154,6 +155,10 @@ class Int4WeightOnlyMethod(LinearMethod):
                 from kvflight.kernels.wo_gemv import wo_gemv
 
                 return wo_gemv(x, layer.qweight, layer.scales, zeros, self.group_size, bias)
+            from kvflight.kernels import w4_mma_gemv
+
+            if w4_mma_gemv.supported(x, self.group_size):  # 2..8 rows: the tensor-core GEMV (2-2.7x the matmul)
+                return w4_mma_gemv.w4_mma_gemv(x, layer.qweight, layer.scales, zeros, self.group_size, bias)
             from kvflight.kernels.w4a16_matmul import w4a16_matmul
 
             return w4a16_matmul(x, layer.qweight, layer.scales, zeros, self.group_size, bias)
