@@ -6,7 +6,8 @@ device machine:
     python benchmarks/quant_gpu.py --schemes none,fp8,int4_awq --offline-requests 200 --no-kernels
 
 Rows: batch-1 decode (128 in / 256 out; the median of 3 runs) in ms/token against the weight-read limit (weight
-bytes / copy bandwidth), offline N x 256 in / 256 out in output tokens/s against our bf16 row, the weights and the KV
+bytes / copy bandwidth), small-batch decode (--small-batch requests at once, 128 in / 256 out) in ms per step,
+offline N x 256 in / 256 out in output tokens/s against our bf16 row, the weights and the KV
 capacity the planner reports. int4_awq on dummy weights is int4 group-128 with the same kernel (AWQ changes values,
 not speed); int8_sq at load time has no smoothing (same kernels as the calibrated checkpoint).
 Needs the ModelRunner to pass `quantization` to load_model; the script stops with that message otherwise.
@@ -79,6 +80,7 @@ def main() -> int:
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--small-batch", type=int, default=4, help="the small-batch decode column's batch size")
     ap.add_argument("--offline-requests", type=int, default=1000)
     ap.add_argument("--offline-len", type=int, default=256, help="input and output tokens per offline request")
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
@@ -93,7 +95,8 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s | bf16 matmul {flops / 1e12:.0f} "
           f"TFLOP/s | torch {torch.__version__} | eager {args.eager} | backend {args.kernel_backend}")
     print(f"{'scheme':<9} {'weights GiB':>11} {'decode ms/tok':>13} {'limit ms':>9} {'of limit':>8} "
-          f"{'offline req/s':>13} {'out tok/s':>10} {'vs bf16':>8} {'KV tokens':>10} {'target':<20} linears",
+          f"{f'b{args.small_batch} ms/step':>12} {'offline req/s':>13} {'out tok/s':>10} {'vs bf16':>8} "
+          f"{'KV tokens':>10} {'target':<20} linears",
           flush=True)
     bf16_tok_s = None
     for scheme in args.schemes.split(","):
@@ -114,6 +117,11 @@ def main() -> int:
         tn = statistics.median(timed_generate(llm, p1, args.decode_tokens) for _ in range(3))  # runs vary ~3%
         ms_tok = (tn - t1) / (args.decode_tokens - 1) * 1e3
         limit_ms = weight_bytes / bw * 1e3
+        pb = rand_prompts(args.small_batch, 128, arch.vocab_size, seed=2)  # small-batch decode: ms per step
+        timed_generate(llm, pb, 8)
+        tb1 = min(timed_generate(llm, pb, 1) for _ in range(3))
+        tbn = statistics.median(timed_generate(llm, pb, args.decode_tokens) for _ in range(3))
+        batch_ms = (tbn - tb1) / (args.decode_tokens - 1) * 1e3
         prompts = rand_prompts(args.offline_requests, args.offline_len, arch.vocab_size, seed=1)
         t = timed_generate(llm, prompts, args.offline_len)
         tok_s = args.offline_requests * args.offline_len / t
@@ -121,8 +129,8 @@ def main() -> int:
             bf16_tok_s = tok_s
         vs = f"{tok_s / bf16_tok_s:.2f}x" if bf16_tok_s else "-"
         print(f"{scheme:<9} {weight_bytes / 2**30:>11.2f} {ms_tok:>13.2f} {limit_ms:>9.2f} {limit_ms / ms_tok:>8.0%} "
-              f"{args.offline_requests / t:>13.1f} {tok_s:>10.0f} {vs:>8} {llm.engine.plan.kv_capacity_tokens:>10} "
-              f"{TARGETS.get(scheme, ''):<20} {linears}", flush=True)
+              f"{batch_ms:>12.2f} {args.offline_requests / t:>13.1f} {tok_s:>10.0f} {vs:>8} "
+              f"{llm.engine.plan.kv_capacity_tokens:>10} {TARGETS.get(scheme, ''):<20} {linears}", flush=True)
         del llm, model
         gc.collect()
         torch.cuda.empty_cache()
