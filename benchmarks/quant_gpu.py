@@ -45,6 +45,15 @@ def cuda_time_ms(fn, iters: int = 20) -> float:
     return start.elapsed_time(end) / iters
 
 
+def decode_ms_per_step(llm: LLM, prompts, tokens: int) -> float:
+    """Milliseconds per decode step with these prompts in flight: (median of 3 runs of `tokens` output tokens - best of
+    3 runs of 1) / (tokens - 1), after a warm-up (runs vary ~3%)."""
+    timed_generate(llm, prompts, 8)
+    t1 = min(timed_generate(llm, prompts, 1) for _ in range(3))
+    tn = statistics.median(timed_generate(llm, prompts, tokens) for _ in range(3))
+    return (tn - t1) / (tokens - 1) * 1e3
+
+
 def kernel_table(bw: float, flops: float, token_counts: list[int]) -> None:
     """One linear of each Llama-8B shape per scheme and token count: time, achieved weight bandwidth or FLOP/s."""
     from kvflight.quant.linear import make_linear_method, quantize_linear_
@@ -111,17 +120,10 @@ def main() -> int:
             return 1
         arch = llm.engine.arch
         weight_bytes = llm.engine.runner.weights_bytes
-        p1 = rand_prompts(1, 128, arch.vocab_size)
-        timed_generate(llm, p1, 8)  # warm-up
-        t1 = min(timed_generate(llm, p1, 1) for _ in range(3))
-        tn = statistics.median(timed_generate(llm, p1, args.decode_tokens) for _ in range(3))  # runs vary ~3%
-        ms_tok = (tn - t1) / (args.decode_tokens - 1) * 1e3
+        ms_tok = decode_ms_per_step(llm, rand_prompts(1, 128, arch.vocab_size), args.decode_tokens)
         limit_ms = weight_bytes / bw * 1e3
-        pb = rand_prompts(args.small_batch, 128, arch.vocab_size, seed=2)  # small-batch decode: ms per step
-        timed_generate(llm, pb, 8)
-        tb1 = min(timed_generate(llm, pb, 1) for _ in range(3))
-        tbn = statistics.median(timed_generate(llm, pb, args.decode_tokens) for _ in range(3))
-        batch_ms = (tbn - tb1) / (args.decode_tokens - 1) * 1e3
+        batch_ms = decode_ms_per_step(llm, rand_prompts(args.small_batch, 128, arch.vocab_size, seed=2),
+                                      args.decode_tokens)
         prompts = rand_prompts(args.offline_requests, args.offline_len, arch.vocab_size, seed=1)
         t = timed_generate(llm, prompts, args.offline_len)
         tok_s = args.offline_requests * args.offline_len / t

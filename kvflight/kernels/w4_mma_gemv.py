@@ -44,7 +44,7 @@ import triton.language as tl
 
 from kvflight.kernels import pdl
 from kvflight.kernels.pdl import pdl_trigger
-from kvflight.kernels.w8a16_matmul import split_k_buffers
+from kvflight.kernels.w8a16_matmul import split_k_arrive, split_k_buffers, split_k_rearm, split_k_sum
 
 MMA_GEMV_MAX_ROWS = 8  # B's 8 columns: one activation row each
 MAX_SPANS_PER_PROGRAM = 32  # a program's unrolled K range (code size and compile time)
@@ -67,6 +67,7 @@ def _f32(value: float) -> str:
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", value))[0]
 
 
+@functools.lru_cache(maxsize=None)
 def _ptx(m_tiles: int, spans: int, wpl: int, group_size: int, m1: bool, has_zeros: bool, act: str, scale: str,
          prefetch: int, pdl_wait_inside: bool) -> tuple[str, str, int]:
     """(PTX, constraints, number of outputs) for one thread's whole K range. Operands: outputs (float32 bits: per
@@ -80,8 +81,7 @@ def _ptx(m_tiles: int, spans: int, wpl: int, group_size: int, m1: bool, has_zero
     nout = R * 2 * cols
     magic_bits, magic_value = _MAGIC[act]
     one = _ONE[act]
-    ab = "bf16" if act == "bf16" else "f16"
-    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{act}.{act}.f32"
     o = nout  # first input operand
     TID, W, WS, NL, X, XS, ML, S, SS, Z, ZS = (f"${o + i}" for i in range(11))
     regs: dict[str, list[str]] = {"b32": [], "b64": [], "f32": [], "pred": [], "b16": []}
@@ -255,13 +255,13 @@ def _ptx(m_tiles: int, spans: int, wpl: int, group_size: int, m1: bool, has_zero
 
 @triton.jit
 def _out_slot(i: tl.constexpr, tile_row, q, M, N, M1: tl.constexpr):
-    """Where output i of the PTX block goes: (offset into [M, N], mask). Outputs run over m-tiles r, rows g / g + 8
-    (h), then columns 2q, 2q + 1 (c; one column when M1, kept by the q == 0 lanes only)."""
+    """Where output i of the PTX block goes: (offset into [M, N], weight row, mask). Outputs run over m-tiles r,
+    rows g / g + 8 (h), then columns 2q, 2q + 1 (c; one column when M1, kept by the q == 0 lanes only)."""
     COLS: tl.constexpr = 1 if M1 else 2
     row = tile_row + 16 * (i // (2 * COLS)) + 8 * ((i // COLS) % 2)
     m = 2 * q + i % COLS
     ok = (row < N) & ((q == 0) if M1 else (m < M))
-    return m * N + row, ok
+    return m * N + row, row, ok
 
 
 @triton.jit
@@ -306,27 +306,23 @@ def _w4_mma_gemv_kernel(
     plane = M * N
     if SPLIT_K > 1:
         for i in tl.static_range(NOUT):
-            offs, ok = _out_slot(i, tile_row, q, M, N, M1)
+            offs, row, ok = _out_slot(i, tile_row, q, M, N, M1)
             tl.store(partial_ptr + pid_k * plane + offs, outs[i].to(tl.float32, bitcast=True), mask=ok)
-        tl.debug_barrier()  # every thread's partial sums are stored before the arrival is counted
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:  # the last split of this row block adds the partial sums in split order
+        if split_k_arrive(counter_ptr, pid_n) == SPLIT_K - 1:  # the last split of this row block adds them up
             tl.debug_barrier()
             for i in tl.static_range(NOUT):
-                offs, ok = _out_slot(i, tile_row, q, M, N, M1)
-                total = tl.zeros((32 * WARPS,), dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    total += tl.load(partial_ptr + s * plane + offs, mask=ok, other=0.0, volatile=True)
+                offs, row, ok = _out_slot(i, tile_row, q, M, N, M1)
+                total = split_k_sum(partial_ptr, offs, plane, ok, SPLIT_K)
                 if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+                    total += tl.load(bias_ptr + row, mask=ok, other=0.0).to(tl.float32)
                 tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+            split_k_rearm(counter_ptr, pid_n)
     else:
         for i in tl.static_range(NOUT):
-            offs, ok = _out_slot(i, tile_row, q, M, N, M1)
+            offs, row, ok = _out_slot(i, tile_row, q, M, N, M1)
             val = outs[i].to(tl.float32, bitcast=True)
             if HAS_BIAS:
-                val += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+                val += tl.load(bias_ptr + row, mask=ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -350,6 +346,11 @@ def choose_mma_gemv_config(M: int, N: int, K: int, group_size: int) -> MmaGemvCo
     return MmaGemvConfig(tiles, warps, split, wpl, prefetch)
 
 
+def _group_ok(group_size: int) -> bool:
+    """Groups of 32 or 64 columns (one span each) or a multiple of 128 (whole spans of 128)."""
+    return group_size in (32, 64) or (group_size > 0 and group_size % 128 == 0)
+
+
 @functools.lru_cache(maxsize=16)
 def _has_mma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
@@ -365,7 +366,7 @@ def supported(x: torch.Tensor, group_size: int) -> bool:
         return False
     if not 1 <= x.numel() // max(x.shape[-1], 1) <= MMA_GEMV_MAX_ROWS:
         return False
-    if group_size not in (32, 64) and (group_size <= 0 or group_size % 128):
+    if not _group_ok(group_size):
         return False
     return _has_mma(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
@@ -383,7 +384,7 @@ def w4_mma_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     M = x2.shape[0]
     if not 1 <= M <= MMA_GEMV_MAX_ROWS:
         raise ValueError(f"w4_mma_gemv: {M} rows: expected 1..{MMA_GEMV_MAX_ROWS}")
-    if group_size not in (32, 64) and (group_size <= 0 or group_size % 128):
+    if not _group_ok(group_size):
         raise ValueError(f"w4_mma_gemv: group_size={group_size}: expected 32, 64 or a multiple of 128")
     if K % group_size:
         raise ValueError(f"w4_mma_gemv: K={K} is not a multiple of group_size={group_size}")
@@ -419,7 +420,7 @@ def w4_mma_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     kind = {torch.bfloat16: "bf16", torch.float16: "f16"}[x2.dtype]
     skind = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[sc.dtype]
     pdl_kwargs = pdl.launch_kwargs(x2, "w4_mma_gemv")
-    asm, constraints, nout = _ptx_cached(cfg.m_tiles, spans_per_program, wpl, group_size, m1, zr is not None, kind,
+    asm, constraints, nout = _ptx(cfg.m_tiles, spans_per_program, wpl, group_size, m1, zr is not None, kind,
                                          skind, min(cfg.prefetch, spans_per_program), pdl_kwargs["PDL"])
     block_n = 16 * cfg.m_tiles * cfg.num_warps
     num_blocks = triton.cdiv(N, block_n)
@@ -433,12 +434,3 @@ def w4_mma_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         **pdl_kwargs)
     return out.view(*x.shape[:-1], N)
 
-
-_PTX_CACHE: dict[tuple, tuple[str, str, int]] = {}
-
-
-def _ptx_cached(*key) -> tuple[str, str, int]:
-    hit = _PTX_CACHE.get(key)
-    if hit is None:
-        hit = _PTX_CACHE[key] = _ptx(*key)
-    return hit

@@ -18,28 +18,48 @@ import triton.language as tl
 
 
 @triton.jit
+def split_k_arrive(counter_ptr, tile):
+    """Count a split's arrival at its tile, after the split stored its partial sums; -> the splits that arrived before
+    it (SPLIT_K - 1: this is the last one, whose threads then see every split's partial sums)."""
+    tl.debug_barrier()  # every thread's partial sums are stored before the arrival is counted
+    return tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def split_k_sum(partial_ptr, part_offs, plane, mask, SPLIT_K: tl.constexpr):
+    """In the last split to arrive: the planes' partial sums added in split order (the same sum whatever the arrival
+    order)."""
+    total = tl.zeros(part_offs.shape, dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(partial_ptr + s * plane + part_offs, mask=mask, other=0.0, volatile=True)
+    return total
+
+
+@triton.jit
+def split_k_rearm(counter_ptr, tile):
+    """The last split re-arms its tile's counter for the next call."""
+    tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def split_k_store(acc, out_ptr, out_offs, mask, partial_ptr, part_offs, plane, counter_ptr, tile, pid_k,
                   SPLIT_K: tl.constexpr):
     """Write a program's float32 result `acc` (any shape; out_offs / part_offs / mask alike) to the output.
 
     SPLIT_K == 1: cast and store. Else each split stores its partial sums in its plane of the scratch; the split that
-    arrives last at the tile (an arrival counter, acquire-release) adds the planes in split order (the same sum
-    whatever the arrival order), stores the output and re-arms the counter for the next call. One launch, where a
+    arrives last at the tile (an arrival counter, acquire-release: split_k_arrive) adds the planes in split order
+    (split_k_sum), stores the output and re-arms the counter for the next call (split_k_rearm). One launch, where a
     zero-filled float32 output added into with atomics needs a fill kernel before and a cast kernel after.
     """
     if SPLIT_K == 1:
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(partial_ptr + pid_k * plane + part_offs, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial sums are stored before the arrival is counted
-        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if split_k_arrive(counter_ptr, tile) == SPLIT_K - 1:
             tl.debug_barrier()
-            total = tl.zeros_like(acc)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(partial_ptr + s * plane + part_offs, mask=mask, other=0.0, volatile=True)
+            total = split_k_sum(partial_ptr, part_offs, plane, mask, SPLIT_K)
             tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
+            split_k_rearm(counter_ptr, tile)
 
 
 @triton.jit
