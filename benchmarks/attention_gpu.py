@@ -364,6 +364,57 @@ def prefill_sweep(seqs: tuple[int, ...] = (512, 1024, 2048, 4096)) -> None:
               + " ".join(f"{name}={us:.0f}" for us, name in cells), flush=True)
 
 
+def mixed_sweep(decodes: int = 24, context: int = 1100, prompts: tuple[int, ...] = (1, 2), length: int = 1024) -> None:
+    """A server step's attention: `prompts` fresh prefills of `length` tokens beside `decodes` decodes of `context`
+    tokens. Times the one mixed launch the engine makes, each part alone, the parts one after the other and the parts
+    on two streams at once (us per call, CUDA-graph replays: no host time)."""
+    from wo_matmul_sweep_gpu import graph_time_us
+    for count in prompts:
+        qlens = [1] * decodes + [length] * count
+        slens = [context] * decodes + [length] * count
+        q, kv_cache, table, qsl, sl = make_batch(qlens, slens, HEADS, KV_HEADS, HEAD_DIM, TPB, seed=2)
+        nd = decodes  # decode rows come first: q rows [0, nd), prefill rows after
+        qd, qp = q[:nd], q[nd:]
+        qsl_d = qsl[:decodes + 1]
+        qsl_p = (qsl[decodes:] - nd).contiguous()
+        out = torch.empty_like(q)
+        scale = HEAD_DIM ** -0.5
+        side = torch.cuda.Stream()
+
+        def mixed():
+            pa.paged_attention(q, kv_cache, table, qsl, sl, scale, max_query_len=length, out=out)
+
+        def decode_part():
+            pa.paged_attention(qd, kv_cache, table[:decodes], qsl_d, sl[:decodes], scale, max_query_len=1,
+                               out=out[:nd])
+
+        def prefill_part():
+            pa.paged_attention(qp, kv_cache, table[decodes:], qsl_p, sl[decodes:], scale, max_query_len=length,
+                               out=out[nd:])
+
+        def sequential():
+            prefill_part()
+            decode_part()
+
+        def two_streams():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                decode_part()
+            prefill_part()
+            torch.cuda.current_stream().wait_stream(side)
+
+        mixed()
+        ref = out.clone()
+        two_streams()
+        torch.cuda.synchronize()
+        err = (out.float() - ref.float()).abs().max().item()
+        cells = {name: graph_time_us(fn, iters=10) for name, fn in (
+            ("mixed", mixed), ("prefill", prefill_part), ("decode", decode_part), ("sequential", sequential),
+            ("two_streams", two_streams))}
+        print(f"mixed {count}x{length} + {decodes} decodes at {context}: "
+              + " | ".join(f"{k} {v:6.1f}" for k, v in cells.items()) + f" us | max diff {err:.2e}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prefill-sweep", action="store_true", help="prefill tile sweep at 512..4096, then exit")
@@ -371,6 +422,8 @@ def main() -> int:
     parser.add_argument("--short-sweep", action="store_true", help="small-batch decode: split-K tile sweep, then exit")
     parser.add_argument("--contexts", default="128,256,512,1024", help="--short-sweep contexts")
     parser.add_argument("--batches", default="1,4,16", help="--short-sweep batch sizes")
+    parser.add_argument("--mixed-sweep", action="store_true",
+                        help="prefill + decode step: one launch vs its parts, then exit")
     parser.add_argument("--tune", action="store_true", help="sweep tile configs first")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--only-tune", action="store_true")
@@ -382,6 +435,10 @@ def main() -> int:
         return 0
     if args.batch_sweep:
         batch_sweep()
+        return 0
+    if args.mixed_sweep:
+        for decodes, context in ((24, 1100), (16, 600), (48, 1100)):
+            mixed_sweep(decodes, context)
         return 0
     if args.short_sweep:
         short_context_sweep(tuple(int(b) for b in args.batches.split(",")),

@@ -5,12 +5,21 @@ time per step (torch.profiler over graph replays) and the rest (gaps between ker
 per kernel name: launches per step and microseconds per step.
 
     python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--batch 1] [--int4-rows2]
+        [--variants "pf0:KVFLIGHT_L2_PREFETCH_MB=0;pf64:KVFLIGHT_L2_PREFETCH_MB=64"]
+
+--gemv-sweep: variants of KVFLIGHT_GEMV_CONFIG for the batch-1 4-bit GEMV of each linear (one linear at a time, the
+others at their defaults), so launches are tuned by the whole step's replay time rather than in isolation.
+
+--variants: after each scheme's table, the decode graphs are captured again under each variant's environment (read by
+the kernels' launch code at capture) and replayed; one line per variant with its replay time, the default first.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
+import os
 import random
 import sys
 import time
@@ -47,6 +56,48 @@ def step_until_decoding(eng) -> None:
         eng.step()
 
 
+def gemv_sweep_variants(arch, linears: str = "qkv,o,gate_up,down", grid: str = "", base: str = "",
+                        bits: int = 4) -> list[str]:
+    """NAME:KVFLIGHT_GEMV_CONFIG=... variants: per linear (N, K) of the `bits`-bit GEMV, a grid of launches
+    (grid "bn=32,64,128;bk=256,512;split=4,8;warps=4;stages=3;rows2=0,1" is the default; keys may be left out);
+    base: KVFLIGHT_GEMV_CONFIG items every variant keeps (the other linears' launches)."""
+    h, d = arch.hidden_size, arch.head_dim
+    shapes = {"qkv": ((arch.num_heads + 2 * arch.num_kv_heads) * d, h), "o": (arch.num_heads * d, h),
+              "gate_up": (2 * arch.intermediate_size, h), "down": (h, arch.intermediate_size)}
+    axes = {"bn": (32, 64, 128), "bk": (256, 512), "split": (4, 8), "warps": (4,), "stages": (3,), "rows2": (0, 1)}
+    for item in filter(None, grid.split(";")):
+        key, _, values = item.partition("=")
+        if key not in axes:
+            raise SystemExit(f"--gemv-sweep-grid: unknown axis {key!r} (axes: {', '.join(axes)})")
+        axes[key] = tuple(int(v) for v in values.split(","))
+    out = []
+    for name in linears.split(","):
+        n, k = shapes[name]
+        for bn, bk, split, warps, stages, rows2 in itertools.product(*axes.values()):
+            if k // split >= bk:
+                launch = f"{bn},{bk},{split},{warps},{stages},{rows2}"
+                out.append(f"{name}-{launch.replace(',', '-')}:KVFLIGHT_GEMV_CONFIG={base};{bits}:{n}:{k}={launch}")
+    return out
+
+
+def replay_graph_ms(eng, size: int, steps: int) -> float:
+    """Capture the decode graphs again (under the current environment), refill their inputs with the running
+    requests' state (two engine steps) and time `steps` replays of batch `size`."""
+    runner = eng.runner
+    runner._capture_graphs()
+    eng.step()
+    eng.step()
+    for _ in range(3):
+        runner.graphs.replay(size)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        runner.graphs.replay(size)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
@@ -57,6 +108,14 @@ def main() -> int:
     ap.add_argument("--int4-rows2", action="store_true",
                     help="the 4-bit PTX chain with the two-rows-per-chain configs of the per-linear sweep (the "
                          "defaults are one row per chain: these lost in the decode graph, 3.202 vs 3.042 ms)")
+    ap.add_argument("--variants", default="", help="NAME:ENV=VALUE|ENV=VALUE;NAME:... environments to recapture "
+                    "the decode graphs under and replay")
+    ap.add_argument("--gemv-sweep", action="store_true", help="add GEMV launch variants per linear (batch 1)")
+    ap.add_argument("--gemv-sweep-bits", type=int, default=4, help="4 (int4 schemes) or 8 (fp8 / int8_wo)")
+    ap.add_argument("--gemv-sweep-linears", default="qkv,o,gate_up,down")
+    ap.add_argument("--gemv-sweep-grid", default="", help='e.g. "bn=16,32;bk=512;split=2,4;warps=4,8"')
+    ap.add_argument("--gemv-sweep-base", default="", help="KVFLIGHT_GEMV_CONFIG items kept in every sweep variant")
+    ap.add_argument("--max-batch-size", type=int, default=0, help="engine max_batch_size (default max(8, batch))")
     args = ap.parse_args()
     if args.int4_rows2:
         from kvflight.kernels import wo_gemv
@@ -77,7 +136,7 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__}")
     for scheme in args.schemes.split(","):
         llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=4096,
-                  max_batch_size=max(8, args.batch),
+                  max_batch_size=args.max_batch_size or max(8, args.batch),
                   enable_kv_cache_reuse=False)
         eng = llm.engine
         runner = eng.runner
@@ -124,6 +183,26 @@ def main() -> int:
         if rest:
             print(f"{sum(r[2] for r in rest):>9.1f} {sum(r[1] for r in rest):>6.1f} {'':>8}  "
                   f"({len(rest)} more kernels)")
+        variants = [v for v in args.variants.split(";") if v]
+        if args.gemv_sweep:
+            variants += gemv_sweep_variants(eng.arch, args.gemv_sweep_linears, args.gemv_sweep_grid,
+                                            args.gemv_sweep_base, args.gemv_sweep_bits)
+        if variants and size is not None:
+            print(f"{'variant':<12} {'replay ms':>9}  environment")
+            for variant in ["default:"] + variants:
+                name, _, env = variant.partition(":")
+                pairs = dict(kv.split("=", 1) for kv in env.split("|") if kv)
+                saved = {k: os.environ.get(k) for k in pairs}
+                os.environ.update(pairs)
+                try:
+                    print(f"{name:<12} {replay_graph_ms(eng, size, args.steps):>9.3f}  {env}")
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+            runner._capture_graphs()  # back to the default environment's graphs
         eng.abort_requests(ids)
         eng.step()
         del llm, eng, runner

@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--decodes", type=int, default=24, help="running decode requests beside the prefills")
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--host", action="store_true", help="also profile the host side of each mix's last step: the "
+                    "busiest CPU ops by self time (what the GPU may wait on)")
     args = ap.parse_args()
     tflops = matmul_flops_per_s() / 1e12
     print(f"device {torch.cuda.get_device_name()} | bf16 matmul {tflops:.0f} TFLOP/s | "
@@ -68,7 +70,9 @@ def main() -> int:
             torch.cuda.synchronize()
             prof = None
             if rep == args.repeats:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if args.host
+                                                                  else [])
+                prof = torch.profiler.profile(activities=acts)
                 prof.__enter__()
             t0 = time.perf_counter()
             eng.step()  # every mix fits max_num_tokens (8192): one step holds all its prefills
@@ -85,7 +89,8 @@ def main() -> int:
                 eng.step()
         step_ms = sorted(times)[len(times) // 2]
         floor_ms = 2 * (count * length + args.decodes) * linear_params / (tflops * 1e12) * 1e3
-        print(f"{mix:>8} {args.decodes:>7} {step_ms:>8.2f} {floor_ms:>15.2f} {floor_ms / step_ms:>8.0%}")
+        print(f"{mix:>8} {args.decodes:>7} {step_ms:>8.2f} {floor_ms:>15.2f} {floor_ms / step_ms:>8.0%}   reps "
+              + " ".join(f"{t:.1f}" for t in times))
     for mix, prof in profiles:
         rows = kernel_rows(prof, 1)
         busy = sum(r[2] for r in rows)
@@ -94,6 +99,9 @@ def main() -> int:
         print(f"{'us':>9} {'calls':>6} {'us/call':>8}  kernel")
         for name, calls, us in rows[:args.rows]:
             print(f"{us:>9.1f} {calls:>6.0f} {us / max(calls, 1e-9):>8.1f}  {name[:100]}")
+        if args.host:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                            max_name_column_width=60))
     return 0
 
 

@@ -33,6 +33,7 @@ writes the output (w8a16_matmul.split_k_store): one launch per call.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -284,13 +285,17 @@ def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128,
     took 3.202 ms with those configs against 3.042 ms with these (decode_breakdown_gpu.py --int4-one-row, same H100
     run), so rows2 stays a sweep option, off by default. fp8 qkv 81 vs 47,
     o 71 vs 45, gate_up 96 vs 87, down 85 vs 77; int8 (codes converted through the 2^23 mantissa) qkv 80 vs 69,
-    o 67 vs 49, gate_up 94 vs 91, down 84 vs 82."""
-    if bits == 4 and asm:  # tiles of one or two whole groups, one row per chain (see below)
+    o 67 vs 49, gate_up 94 vs 91, down 84 vs 82.
+    The 4-bit long-K launch (down) comes from a sweep inside the int4_awq batch-1 decode graph instead
+    (benchmarks/decode_breakdown_gpu.py --gemv-sweep: each launch timed by the whole step's replay, H100): 16 rows
+    per program, 1024-column tiles, two K splits took the step from 2.965 to 2.807 ms (64 rows, 256-column tiles,
+    8 splits before); the same sweep kept the other three linears' launches."""
+    if bits == 4 and asm:  # tiles of one or more whole groups, one row per chain (see below)
         wide = 2 * group_size
         if N >= 16384:
             return GemvConfig(128, wide, 4, 4, 3)
         if K >= 8192:
-            return GemvConfig(64, wide, 8, 8, 3)
+            return GemvConfig(16, max(1024, group_size), 2, 8, 3)
         return GemvConfig(128, group_size, 8, 8, 3) if N > K else GemvConfig(32, wide, 8, 4, 3)
     if bits == 4:
         block_k = min(group_size, 128)
@@ -300,6 +305,28 @@ def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128,
     if K >= 8192:
         return GemvConfig(16, 512, 2, 4, 3)
     return GemvConfig(16, 512, 1, 8, 3) if N > K else GemvConfig(16, 512, 2, 4, 3)
+
+
+@functools.lru_cache(maxsize=8)
+def _config_overrides(spec: str) -> dict[tuple[int, int, int], GemvConfig]:
+    """KVFLIGHT_GEMV_CONFIG="bits:N:K=block_n,block_k,split,warps,stages[,rows2];..." -> {(bits, N, K): config}."""
+    table = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        try:
+            key, _, value = item.partition("=")
+            bits, n, k = (int(v) for v in key.split(":"))
+            fields = [int(v) for v in value.split(",")]
+            table[(bits, n, k)] = GemvConfig(*fields[:5], bool(fields[5]) if len(fields) > 5 else False)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"KVFLIGHT_GEMV_CONFIG item {item!r}: expected bits:N:K=block_n,block_k,split,warps,"
+                             f"stages[,rows2] ({e})") from None
+    return table
+
+
+def config_override(bits: int, N: int, K: int) -> GemvConfig | None:
+    """The launch KVFLIGHT_GEMV_CONFIG names for this shape (for tuning inside the decode graph), else None."""
+    spec = os.environ.get("KVFLIGHT_GEMV_CONFIG", "")
+    return _config_overrides(spec).get((bits, N, K)) if spec else None
 
 
 def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
@@ -352,7 +379,7 @@ def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         if x2.data_ptr() % 4:
             x2 = x2.clone()
         xw = x2.view(torch.int32)  # [M, K / 2]: K is a multiple of the group size
-    cfg = config or choose_gemv_config(M, N, K, bits, group_size or 128, asm=use_asm)
+    cfg = config or config_override(bits, N, K) or choose_gemv_config(M, N, K, bits, group_size or 128, asm=use_asm)
     if bits == 4 and group_size % cfg.block_k and (not use_asm or cfg.block_k % group_size):
         raise ValueError(f"wo_gemv: block_k={cfg.block_k} must divide group_size={group_size}"
                          + ("" if not use_asm else " or be a multiple of it"))

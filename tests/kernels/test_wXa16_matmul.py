@@ -308,3 +308,21 @@ def test_gemv_4bit_ptx_chain_tiles_across_groups_on_gpu(dtype: torch.dtype, with
             monkeypatch.delenv("KVFLIGHT_GEMV_ASM")
             rel_plain = ((out.float() - plain.float()).norm() / ref.norm()).item()
             assert rel_plain < 1e-2, f"{cfg}: PTX chain vs Triton unpack {rel_plain:.4f}"
+
+
+def test_gemv_config_override_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVFLIGHT_GEMV_CONFIG names launches per (bits, N, K) for tuning inside the decode graph; other shapes keep the
+    chooser's, and a malformed item is refused with the item named."""
+    from kvflight.kernels.wo_gemv import GemvConfig, config_override
+
+    monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", "4:4096:14336=16,1024,2,8,3; 8:6144:4096=16,512,1,4,3,0")
+    assert config_override(4, 4096, 14336) == GemvConfig(16, 1024, 2, 8, 3, False)
+    assert config_override(8, 6144, 4096) == GemvConfig(16, 512, 1, 4, 3, False)
+    assert config_override(4, 6144, 4096) is None
+    monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", "4:4096:4096=32,512,4,4,3,1")
+    assert config_override(4, 4096, 4096).rows2 is True
+    monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", "4:4096=16,1024")
+    with pytest.raises(ValueError, match="4:4096=16,1024"):
+        config_override(4, 4096, 4096)
+    monkeypatch.delenv("KVFLIGHT_GEMV_CONFIG")
+    assert config_override(4, 4096, 14336) is None
