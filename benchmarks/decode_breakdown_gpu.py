@@ -7,8 +7,8 @@ per kernel name: launches per step and microseconds per step.
     python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--batch 1] [--int4-rows2]
         [--variants "pf0:KVFLIGHT_L2_PREFETCH_MB=0;pf64:KVFLIGHT_L2_PREFETCH_MB=64"]
 
---gemv-sweep: variants of KVFLIGHT_GEMV_CONFIG for the batch-1 4-bit GEMV of each linear (one linear at a time, the
-others at their defaults), so launches are tuned by the whole step's replay time rather than in isolation.
+--gemv-sweep: variants of KVFLIGHT_GEMV_CONFIG for one GEMV kind (--gemv-sweep-kind) on each linear (one linear at a
+time, the others at their defaults), so launches are tuned by the whole step's replay time rather than in isolation.
 
 --variants: after each scheme's table, the decode graphs are captured again under each variant's environment (read by
 the kernels' launch code at capture) and replayed; one line per variant with its replay time, the default first.
@@ -56,27 +56,36 @@ def step_until_decoding(eng) -> None:
         eng.step()
 
 
+SWEEP_AXES = {  # per GEMV kind: the launch fields in KVFLIGHT_GEMV_CONFIG order and their default sweep values
+    "4": {"bn": (32, 64, 128), "bk": (256, 512), "split": (4, 8), "warps": (4,), "stages": (3,), "rows2": (0, 1)},
+    "8": {"bn": (16, 32), "bk": (512, 1024), "split": (1, 2), "warps": (4, 8), "stages": (3,), "rows2": (0,)},
+    "mma": {"tiles": (1, 2), "warps": (4, 8), "split": (2, 4, 8), "wpl": (4,), "prefetch": (1, 2, 4)},
+}
+
+
 def gemv_sweep_variants(arch, linears: str = "qkv,o,gate_up,down", grid: str = "", base: str = "",
-                        bits: int = 4) -> list[str]:
-    """NAME:KVFLIGHT_GEMV_CONFIG=... variants: per linear (N, K) of the `bits`-bit GEMV, a grid of launches
-    (grid "bn=32,64,128;bk=256,512;split=4,8;warps=4;stages=3;rows2=0,1" is the default; keys may be left out);
-    base: KVFLIGHT_GEMV_CONFIG items every variant keeps (the other linears' launches)."""
+                        kind: str = "4") -> list[str]:
+    """NAME:KVFLIGHT_GEMV_CONFIG=... variants: per linear (N, K) of one GEMV kind (4 / 8: wo_gemv at one row, mma:
+    w4_mma_gemv at 2..8 rows), a grid of launches (SWEEP_AXES[kind], axes replaced by grid, e.g.
+    "bn=16,32;split=2,4"); base: KVFLIGHT_GEMV_CONFIG items every variant keeps (the other linears' launches)."""
     h, d = arch.hidden_size, arch.head_dim
     shapes = {"qkv": ((arch.num_heads + 2 * arch.num_kv_heads) * d, h), "o": (arch.num_heads * d, h),
               "gate_up": (2 * arch.intermediate_size, h), "down": (h, arch.intermediate_size)}
-    axes = {"bn": (32, 64, 128), "bk": (256, 512), "split": (4, 8), "warps": (4,), "stages": (3,), "rows2": (0, 1)}
+    axes = dict(SWEEP_AXES[kind])
     for item in filter(None, grid.split(";")):
         key, _, values = item.partition("=")
         if key not in axes:
-            raise SystemExit(f"--gemv-sweep-grid: unknown axis {key!r} (axes: {', '.join(axes)})")
+            raise SystemExit(f"--gemv-sweep-grid: unknown axis {key!r} for kind {kind} (axes: {', '.join(axes)})")
         axes[key] = tuple(int(v) for v in values.split(","))
     out = []
     for name in linears.split(","):
         n, k = shapes[name]
-        for bn, bk, split, warps, stages, rows2 in itertools.product(*axes.values()):
-            if k // split >= bk:
-                launch = f"{bn},{bk},{split},{warps},{stages},{rows2}"
-                out.append(f"{name}-{launch.replace(',', '-')}:KVFLIGHT_GEMV_CONFIG={base};{bits}:{n}:{k}={launch}")
+        for launch in itertools.product(*axes.values()):
+            fields = dict(zip(axes, launch))
+            if kind != "mma" and k // fields["split"] < fields["bk"]:
+                continue  # a split shorter than one tile
+            spec = ",".join(str(v) for v in launch)
+            out.append(f"{name}-{spec.replace(',', '-')}:KVFLIGHT_GEMV_CONFIG={base};{kind}:{n}:{k}={spec}")
     return out
 
 
@@ -111,7 +120,8 @@ def main() -> int:
     ap.add_argument("--variants", default="", help="NAME:ENV=VALUE|ENV=VALUE;NAME:... environments to recapture "
                     "the decode graphs under and replay")
     ap.add_argument("--gemv-sweep", action="store_true", help="add GEMV launch variants per linear (batch 1)")
-    ap.add_argument("--gemv-sweep-bits", type=int, default=4, help="4 (int4 schemes) or 8 (fp8 / int8_wo)")
+    ap.add_argument("--gemv-sweep-kind", default="4", choices=sorted(SWEEP_AXES),
+                    help="4: int4 schemes at one row, 8: fp8 / int8_wo at one row, mma: int4 at 2..8 rows")
     ap.add_argument("--gemv-sweep-linears", default="qkv,o,gate_up,down")
     ap.add_argument("--gemv-sweep-grid", default="", help='e.g. "bn=16,32;bk=512;split=2,4;warps=4,8"')
     ap.add_argument("--gemv-sweep-base", default="", help="KVFLIGHT_GEMV_CONFIG items kept in every sweep variant")
@@ -186,7 +196,7 @@ def main() -> int:
         variants = [v for v in args.variants.split(";") if v]
         if args.gemv_sweep:
             variants += gemv_sweep_variants(eng.arch, args.gemv_sweep_linears, args.gemv_sweep_grid,
-                                            args.gemv_sweep_base, args.gemv_sweep_bits)
+                                            args.gemv_sweep_base, args.gemv_sweep_kind)
         if variants and size is not None:
             print(f"{'variant':<12} {'replay ms':>9}  environment")
             for variant in ["default:"] + variants:
@@ -196,6 +206,8 @@ def main() -> int:
                 os.environ.update(pairs)
                 try:
                     print(f"{name:<12} {replay_graph_ms(eng, size, args.steps):>9.3f}  {env}")
+                except ValueError as e:  # a launch the kernel refuses (e.g. a split that cuts a group)
+                    print(f"{name:<12} {'refused':>9}  {env}: {e}")
                 finally:
                     for k, v in saved.items():
                         if v is None:

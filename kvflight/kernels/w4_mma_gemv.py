@@ -45,6 +45,7 @@ import triton.language as tl
 from kvflight.kernels import pdl
 from kvflight.kernels.pdl import pdl_trigger
 from kvflight.kernels.w8a16_matmul import split_k_arrive, split_k_buffers, split_k_rearm, split_k_sum
+from kvflight.kernels.wo_gemv import launch_override
 
 MMA_GEMV_MAX_ROWS = 8  # B's 8 columns: one activation row each
 MAX_SPANS_PER_PROGRAM = 32  # a program's unrolled K range (code size and compile time)
@@ -404,7 +405,8 @@ def w4_mma_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         raise ValueError(f"w4_mma_gemv: qweight rows of {w.stride(0)} bytes: expected a multiple of 16 (K % 32 == 0)")
     sc = scales if scales.stride(-1) == 1 else scales.contiguous()
     zr = None if zeros is None else (zeros if zeros.stride(-1) == 1 else zeros.contiguous())
-    cfg = config or choose_mma_gemv_config(M, N, K, group_size)
+    override = None if config else launch_override("mma", N, K, 3, 5)
+    cfg = config or (MmaGemvConfig(*override) if override else choose_mma_gemv_config(M, N, K, group_size))
     wpl = cfg.words_per_lane
     span = 32 * wpl
     if wpl not in (1, 2, 4) or (group_size % span and span % group_size) or (span > group_size):

@@ -308,25 +308,38 @@ def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128,
 
 
 @functools.lru_cache(maxsize=8)
-def _config_overrides(spec: str) -> dict[tuple[int, int, int], GemvConfig]:
-    """KVFLIGHT_GEMV_CONFIG="bits:N:K=block_n,block_k,split,warps,stages[,rows2];..." -> {(bits, N, K): config}."""
+def _launch_overrides(spec: str) -> dict[tuple[str, int, int], tuple[int, ...]]:
+    """KVFLIGHT_GEMV_CONFIG="KIND:N:K=v,v,...;..." -> {(KIND, N, K): (v, ...)}."""
     table = {}
     for item in filter(None, (part.strip() for part in spec.split(";"))):
+        key, _, value = item.partition("=")
+        parts = key.split(":")
         try:
-            key, _, value = item.partition("=")
-            bits, n, k = (int(v) for v in key.split(":"))
-            fields = [int(v) for v in value.split(",")]
-            table[(bits, n, k)] = GemvConfig(*fields[:5], bool(fields[5]) if len(fields) > 5 else False)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"KVFLIGHT_GEMV_CONFIG item {item!r}: expected bits:N:K=block_n,block_k,split,warps,"
-                             f"stages[,rows2] ({e})") from None
+            if len(parts) != 3 or not value:
+                raise ValueError("expected KIND:N:K=values")
+            table[(parts[0], int(parts[1]), int(parts[2]))] = tuple(int(v) for v in value.split(","))
+        except ValueError as e:
+            raise ValueError(f"KVFLIGHT_GEMV_CONFIG item {item!r}: expected KIND:N:K=v,v,... with KIND 4 or 8 "
+                             f"(wo_gemv: block_n,block_k,split,warps,stages[,rows2]) or mma (w4_mma_gemv: "
+                             f"m_tiles,warps,split[,words_per_lane,prefetch]) ({e})") from None
     return table
 
 
-def config_override(bits: int, N: int, K: int) -> GemvConfig | None:
-    """The launch KVFLIGHT_GEMV_CONFIG names for this shape (for tuning inside the decode graph), else None."""
+def launch_override(kind: str, N: int, K: int, min_fields: int, max_fields: int) -> tuple[int, ...] | None:
+    """The launch KVFLIGHT_GEMV_CONFIG names for a GEMV kind ("4", "8" or "mma") and shape [N, K], for tuning
+    inside the decode graph (benchmarks/decode_breakdown_gpu.py --gemv-sweep), else None."""
     spec = os.environ.get("KVFLIGHT_GEMV_CONFIG", "")
-    return _config_overrides(spec).get((bits, N, K)) if spec else None
+    fields = _launch_overrides(spec).get((kind, N, K)) if spec else None
+    if fields is not None and not min_fields <= len(fields) <= max_fields:
+        raise ValueError(f"KVFLIGHT_GEMV_CONFIG {kind}:{N}:{K}: {len(fields)} values, expected {min_fields} to "
+                         f"{max_fields}")
+    return fields
+
+
+def config_override(bits: int, N: int, K: int) -> GemvConfig | None:
+    """wo_gemv's launch from KVFLIGHT_GEMV_CONFIG ("4:N:K=" / "8:N:K=block_n,block_k,split,warps,stages[,rows2]")."""
+    fields = launch_override(str(bits), N, K, 5, 6)
+    return None if fields is None else GemvConfig(*fields[:5], len(fields) > 5 and bool(fields[5]))
 
 
 def wo_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,

@@ -311,18 +311,24 @@ def test_gemv_4bit_ptx_chain_tiles_across_groups_on_gpu(dtype: torch.dtype, with
 
 
 def test_gemv_config_override_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """KVFLIGHT_GEMV_CONFIG names launches per (bits, N, K) for tuning inside the decode graph; other shapes keep the
-    chooser's, and a malformed item is refused with the item named."""
-    from kvflight.kernels.wo_gemv import GemvConfig, config_override
+    """KVFLIGHT_GEMV_CONFIG names launches per (kind, N, K) for tuning inside the decode graph; other shapes keep the
+    chooser's, and a malformed item or a wrong number of values is refused with the item named."""
+    from kvflight.kernels.wo_gemv import GemvConfig, config_override, launch_override
 
-    monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", "4:4096:14336=16,1024,2,8,3; 8:6144:4096=16,512,1,4,3,0")
+    monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG",
+                       "4:4096:14336=16,1024,2,8,3; 8:6144:4096=16,512,1,4,3,0;mma:4096:4096=1,4,8")
     assert config_override(4, 4096, 14336) == GemvConfig(16, 1024, 2, 8, 3, False)
     assert config_override(8, 6144, 4096) == GemvConfig(16, 512, 1, 4, 3, False)
     assert config_override(4, 6144, 4096) is None
+    assert launch_override("mma", 4096, 4096, 3, 5) == (1, 4, 8)
     monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", "4:4096:4096=32,512,4,4,3,1")
     assert config_override(4, 4096, 4096).rows2 is True
-    monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", "4:4096=16,1024")
-    with pytest.raises(ValueError, match="4:4096=16,1024"):
+    monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", "4:4096:4096=32,512")
+    with pytest.raises(ValueError, match="4:4096:4096: 2 values"):
         config_override(4, 4096, 4096)
+    for bad in ("4:4096=16,1024", "4:4096:4096=16,x", "4:4096:4096="):
+        monkeypatch.setenv("KVFLIGHT_GEMV_CONFIG", bad)
+        with pytest.raises(ValueError, match=bad):
+            config_override(4, 4096, 4096)
     monkeypatch.delenv("KVFLIGHT_GEMV_CONFIG")
     assert config_override(4, 4096, 14336) is None
