@@ -281,8 +281,8 @@ def test_gemv_4bit_16bit_activations(dtype: torch.dtype, device: str) -> None:
 @pytest.mark.parametrize("with_zeros", [True, False])
 def test_gemv_4bit_ptx_chain_tiles_across_groups_on_gpu(dtype: torch.dtype, with_zeros: bool,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The PTX word chain (16-bit activations on a GPU), one or two rows per chain: tiles of 1, 2 and 4 groups over
-    11 groups (a last tile partly past K), split K, x starting at an odd element (its pairs are re-aligned), bias,
+    """The PTX word chain (16-bit activations on a GPU), one or two rows per chain: tiles of 1, 2, 4 and 16 groups
+    over 11 groups (a last tile partly past K; with 16, a split with no K at all), split K, x starting at an odd element (its pairs are re-aligned), bias,
     row blocks past N; against the float32 reference and against the Triton unpack path (KVFLIGHT_GEMV_ASM=0)."""
     from kvflight.kernels.wo_gemv import GemvConfig, wo_gemv
 
@@ -297,7 +297,7 @@ def test_gemv_4bit_ptx_chain_tiles_across_groups_on_gpu(dtype: torch.dtype, with
     ref = reference.w4a16_matmul(x.float(), qweight, scales, zeros, group, bias.float())
     for cfg in (GemvConfig(16, 64, 1), GemvConfig(16, 128, 3), GemvConfig(32, 256, 2, 4, 3),
                 GemvConfig(16, 64, 2, rows2=True), GemvConfig(32, 128, 3, 4, 3, rows2=True),
-                GemvConfig(64, 256, 1, 8, 3, rows2=True)):
+                GemvConfig(64, 256, 1, 8, 3, rows2=True), GemvConfig(16, 1024, 2, 8, 3)):
         out = wo_gemv(x, qweight, scales, zeros, group, bias, config=cfg)
         assert out.dtype == dtype and out.shape == (1, n)
         rel = ((out.float() - ref).norm() / ref.norm()).item()
