@@ -4,14 +4,16 @@ For every scheme: the engine step's wall time, the decode CUDA graph's replay ti
 time per step (torch.profiler over graph replays) and the rest (gaps between kernels inside the graph), then one row
 per kernel name: launches per step and microseconds per step.
 
-    python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--batch 1] [--int4-rows2]
-        [--variants "pf0:KVFLIGHT_L2_PREFETCH_MB=0;pf64:KVFLIGHT_L2_PREFETCH_MB=64"]
+    python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--batch 1]
+        [--int4-rows2] [--max-batch-size N]
+        [--variants "nopdl:KVFLIGHT_PDL=0;unpack:KVFLIGHT_GEMV_ASM=0"] [--gemv-sweep [--gemv-sweep-kind 4|8|mma] ...]
 
 --gemv-sweep: variants of KVFLIGHT_GEMV_CONFIG for one GEMV kind (--gemv-sweep-kind) on each linear (one linear at a
 time, the others at their defaults), so launches are tuned by the whole step's replay time rather than in isolation.
 
 --variants: after each scheme's table, the decode graphs are captured again under each variant's environment (read by
-the kernels' launch code at capture) and replayed; one line per variant with its replay time, the default first.
+the kernels' launch code at capture) and replayed; one line per variant with its replay time, the default first and
+again last (the two default lines show how far the GPU drifted over the sweep).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def main() -> int:
                          "defaults are one row per chain: these lost in the decode graph, 3.202 vs 3.042 ms)")
     ap.add_argument("--variants", default="", help="NAME:ENV=VALUE|ENV=VALUE;NAME:... environments to recapture "
                     "the decode graphs under and replay")
-    ap.add_argument("--gemv-sweep", action="store_true", help="add GEMV launch variants per linear (batch 1)")
+    ap.add_argument("--gemv-sweep", action="store_true", help="add GEMV launch variants per linear (at --batch rows)")
     ap.add_argument("--gemv-sweep-kind", default="4", choices=sorted(SWEEP_AXES),
                     help="4: int4 schemes at one row, 8: fp8 / int8_wo at one row, mma: int4 at 2..8 rows")
     ap.add_argument("--gemv-sweep-linears", default="qkv,o,gate_up,down")
@@ -199,7 +201,7 @@ def main() -> int:
                                             args.gemv_sweep_base, args.gemv_sweep_kind)
         if variants and size is not None:
             print(f"{'variant':<12} {'replay ms':>9}  environment")
-            for variant in ["default:"] + variants:
+            for variant in ["default:"] + variants + ["default-end:"]:
                 name, _, env = variant.partition(":")
                 pairs = dict(kv.split("=", 1) for kv in env.split("|") if kv)
                 saved = {k: os.environ.get(k) for k in pairs}
