@@ -18,7 +18,6 @@ float32 output, running max and sum of exponentials (base 2) to a workspace; _me
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -26,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kvflight.kernels import pdl
+from kvflight.kernels.device import num_sms
 from kvflight.kernels.pdl import pdl_trigger, pdl_wait
 from kvflight.kernels.reference import check_kv_scales
 
@@ -373,11 +373,6 @@ def _launch_config(group: int, head_dim_pad: int, max_query_len: int, elem_bytes
     return dict(BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -421,7 +416,7 @@ def paged_attention(
         return out
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    programs_per_sm = num_seqs * num_kv_heads * num_splits / _num_sms(q.device) if q.is_cuda else 0.0
+    programs_per_sm = num_seqs * num_kv_heads * num_splits / num_sms(q.device) if q.is_cuda else 0.0
     cfg = _launch_config(group, head_dim_pad, max_query_len, q.element_size(), num_splits=num_splits,
                          programs_per_sm=programs_per_sm)
     block_q = cfg["BLOCK_Q"]

@@ -16,12 +16,13 @@ KVFLIGHT_PDL_SKIP), or on a Triton without it.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kvflight.kernels.device import capability_at_least
 
 try:  # Triton >= 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -53,18 +54,13 @@ def pdl_trigger(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@functools.lru_cache(maxsize=16)
-def _device_supports(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with PDL."""
     if not (HAVE_GDC and t.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if os.environ.get("KVFLIGHT_PDL", "1") == "0":
         return False
-    return _device_supports(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return capability_at_least(t.device, 9)
 
 
 def launch_kwargs(t: torch.Tensor, kernel: str) -> dict:

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from kvflight.kernels import pdl
+from kvflight.kernels.device import capability_at_least
 from kvflight.kernels.pdl import pdl_trigger
 from kvflight.kernels.w8a16_matmul import split_k_arrive, split_k_buffers, split_k_rearm, split_k_sum
 from kvflight.kernels.wo_gemv import launch_override
@@ -352,11 +353,6 @@ def _group_ok(group_size: int) -> bool:
     return group_size in (32, 64) or (group_size > 0 and group_size % 128 == 0)
 
 
-@functools.lru_cache(maxsize=16)
-def _has_mma(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
-
-
 def supported(x: torch.Tensor, group_size: int) -> bool:
     """Whether w4_mma_gemv can take this call: a CUDA device of sm_80 or later (mma.sync bf16), 16-bit activations,
     1..MMA_GEMV_MAX_ROWS rows, groups of 32, 64 or a multiple of 128 columns; not under the Triton interpreter nor
@@ -369,7 +365,7 @@ def supported(x: torch.Tensor, group_size: int) -> bool:
         return False
     if not _group_ok(group_size):
         return False
-    return _has_mma(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return capability_at_least(x.device, 8)
 
 
 def w4_mma_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -423,7 +419,7 @@ def w4_mma_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     skind = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}[sc.dtype]
     pdl_kwargs = pdl.launch_kwargs(x2, "w4_mma_gemv")
     asm, constraints, nout = _ptx(cfg.m_tiles, spans_per_program, wpl, group_size, m1, zr is not None, kind,
-                                         skind, min(cfg.prefetch, spans_per_program), pdl_kwargs["PDL"])
+                                  skind, min(cfg.prefetch, spans_per_program), pdl_kwargs["PDL"])
     block_n = 16 * cfg.m_tiles * cfg.num_warps
     num_blocks = triton.cdiv(N, block_n)
     out, partial, counters = split_k_buffers(M, N, cfg.split_k, num_blocks, x2)

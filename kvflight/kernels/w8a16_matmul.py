@@ -9,12 +9,13 @@ matmul still fills the GPU.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from kvflight.kernels.device import num_sms
 
 
 @triton.jit
@@ -117,15 +118,10 @@ def _w8a16_matmul_kernel(
                   pid_k, SPLIT_K)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_programs_target(device: torch.device) -> int:
     """About two programs per SM on a GPU; a small fixed number under the interpreter."""
     if device.type == "cuda":
-        return 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return 2 * num_sms(device)
     return 4
 
 

@@ -27,7 +27,6 @@ decode step would make CPU generation crawl.
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflight.kernels import reference
+from kvflight.kernels.device import capability_at_least
 from kvflight.quant import ops
 from kvflight.quant.schemes import QuantConfig
 
@@ -172,11 +172,6 @@ class Int4WeightOnlyMethod(LinearMethod):
         return f"{self.scheme}(g{self.group_size}{'' if self.zero_point else ', symmetric'})"
 
 
-@functools.lru_cache(maxsize=8)
-def _has_fp8_matmul(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
-
-
 class _W8A8Method(LinearMethod):
     """Shared by fp8 and int8_sq: weight [N, K] 8-bit, weight_scale [N]; activations quantized per token."""
 
@@ -241,7 +236,7 @@ class Fp8Method(_W8A8Method):
 
     def apply(self, layer, x, bias):
         n, k = layer.weight.shape
-        if not (x.is_cuda and _has_fp8_matmul(x.device.index or 0) and n % 16 == 0 and k % 16 == 0):
+        if not (x.is_cuda and capability_at_least(x.device, 8, 9) and n % 16 == 0 and k % 16 == 0):
             return self.emulate(layer, x, bias)
         if self.weight_only_batch(x):
             return self.weight_only(layer, x, bias)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvflight.config import ConfigError, EngineConfig
+from kvflight.kernels.device import num_sms
 from kvflight.model.arch import ModelArch
 from kvflight.model.attention import AttentionMetadata
 from kvflight.model.loader import ResolvedModel, load_model, resolve_device, resolve_dtype
@@ -117,8 +118,7 @@ class ModelRunner:
         self.buffers = InputBuffers(max(sched.max_num_tokens, graph_max), sched.max_batch_size,
                                     math.ceil(max_seq_len / self.tokens_per_block), self.tokens_per_block,
                                     self.device)
-        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
-            if self.device.type == "cuda" else 1
+        self._num_sms = num_sms(self.device) if self.device.type == "cuda" else 1
 
     # ---- memory -------------------------------------------------------------------------------------------
 
