@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from kvflight.bench.limits import copy_bandwidth_bytes_per_s, matmul_flops_per_s
 from kvflight.kernels import paged_attention as pa
 from kvflight.kernels import reference
 
@@ -49,20 +50,6 @@ def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return times[len(times) // 2]
-
-
-def copy_bandwidth_bytes_per_s() -> float:
-    x = torch.randn(1 << 29, dtype=torch.float16, device="cuda")  # 1 GiB
-    y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x), iters=10)
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3)  # read + write
-
-
-def matmul_flops_per_s() -> float:
-    a = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
-    b = torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
-    ms = time_ms(lambda: a @ b, iters=10)
-    return 2 * 8192 ** 3 / (ms * 1e-3)
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
@@ -373,10 +360,9 @@ def mixed_sweep(decodes: int = 24, context: int = 1100, prompts: tuple[int, ...]
         qlens = [1] * decodes + [length] * count
         slens = [context] * decodes + [length] * count
         q, kv_cache, table, qsl, sl = make_batch(qlens, slens, HEADS, KV_HEADS, HEAD_DIM, TPB, seed=2)
-        nd = decodes  # decode rows come first: q rows [0, nd), prefill rows after
-        qd, qp = q[:nd], q[nd:]
+        qd, qp = q[:decodes], q[decodes:]  # decode rows come first (one each), the prefill rows after
         qsl_d = qsl[:decodes + 1]
-        qsl_p = (qsl[decodes:] - nd).contiguous()
+        qsl_p = (qsl[decodes:] - decodes).contiguous()
         out = torch.empty_like(q)
         scale = HEAD_DIM ** -0.5
         side = torch.cuda.Stream()
@@ -386,11 +372,11 @@ def mixed_sweep(decodes: int = 24, context: int = 1100, prompts: tuple[int, ...]
 
         def decode_part():
             pa.paged_attention(qd, kv_cache, table[:decodes], qsl_d, sl[:decodes], scale, max_query_len=1,
-                               out=out[:nd])
+                               out=out[:decodes])
 
         def prefill_part():
             pa.paged_attention(qp, kv_cache, table[decodes:], qsl_p, sl[decodes:], scale, max_query_len=length,
-                               out=out[nd:])
+                               out=out[decodes:])
 
         def sequential():
             prefill_part()

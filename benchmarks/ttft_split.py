@@ -43,7 +43,8 @@ def main() -> int:
             if line.strip():
                 t = json.loads(line)
                 trace[t["request_id"]] = t
-    doc = json.load(open(args.result, encoding="utf-8"))
+    with open(args.result, encoding="utf-8") as fh:
+        doc = json.load(fh)
     stages: dict[str, list[float]] = {k: [] for k in ("to_api", "queue", "engine", "api", "to_client", "ttft")}
     joined = 0
     for run in doc["runs"]:
