@@ -5,7 +5,7 @@ time per step (torch.profiler over graph replays) and the rest (gaps between ker
 per kernel name: launches per step and microseconds per step.
 
     python benchmarks/decode_breakdown_gpu.py [--schemes none,fp8,int4_awq] [--steps 20] [--rows 16] [--batch 1]
-        [--int4-rows2] [--max-batch-size N]
+        [--int4-rows2] [--max-batch-size N] [--multi-block-mode auto|on|off]
         [--variants "nopdl:KVFLIGHT_PDL=0;unpack:KVFLIGHT_GEMV_ASM=0"] [--gemv-sweep [--gemv-sweep-kind 4|8|mma] ...]
 
 --gemv-sweep: variants of KVFLIGHT_GEMV_CONFIG for one GEMV kind (--gemv-sweep-kind) on each linear (one linear at a
@@ -127,6 +127,8 @@ def main() -> int:
     ap.add_argument("--gemv-sweep-linears", default="qkv,o,gate_up,down")
     ap.add_argument("--gemv-sweep-grid", default="", help='e.g. "bn=16,32;bk=512;split=2,4;warps=4,8"')
     ap.add_argument("--gemv-sweep-base", default="", help="KVFLIGHT_GEMV_CONFIG items kept in every sweep variant")
+    ap.add_argument("--multi-block-mode", default="auto", choices=("auto", "on", "off"),
+                    help="split-K decode attention (on: the graphs capture only the split launch)")
     ap.add_argument("--max-batch-size", type=int, default=0, help="engine max_batch_size (default max(8, batch))")
     args = ap.parse_args()
     if args.int4_rows2:
@@ -149,7 +151,7 @@ def main() -> int:
     for scheme in args.schemes.split(","):
         llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=4096,
                   max_batch_size=args.max_batch_size or max(8, args.batch),
-                  enable_kv_cache_reuse=False)
+                  enable_kv_cache_reuse=False, multi_block_mode=args.multi_block_mode)
         eng = llm.engine
         runner = eng.runner
         vocab = eng.arch.vocab_size
