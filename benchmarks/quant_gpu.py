@@ -4,6 +4,7 @@ device machine:
 
     python benchmarks/quant_gpu.py                       # all schemes, both tables
     python benchmarks/quant_gpu.py --schemes none,fp8,int4_awq --offline-requests 200 --no-kernels
+    python benchmarks/quant_gpu.py --schemes int4_awq,int4_awq+lmh8      # +lmh8: with the int8 LM head
 
 Rows: batch-1 decode (128 in / 256 out; the median of 3 runs) in ms/token against the weight-read limit (weight
 bytes / copy bandwidth), small-batch decode (--small-batch requests at once, 128 in / 256 out) in ms per step,
@@ -108,8 +109,12 @@ def main() -> int:
           f"{'KV tokens':>10} {'target':<20} linears",
           flush=True)
     bf16_tok_s = None
-    for scheme in args.schemes.split(","):
+    for label in args.schemes.split(","):
+        scheme, _, suffix = label.partition("+")
+        if suffix not in ("", "lmh8"):
+            raise SystemExit(f"--schemes {label!r}: the only suffix is +lmh8 (an int8 LM head)")
         llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=8192, max_batch_size=256,
+                  quantize_lm_head="on" if suffix else "off",
                   max_num_tokens=8192, enable_kv_cache_reuse=False,  # repeats must be computed again to be timed
                   enforce_eager=args.eager, kernel_backend=args.kernel_backend)
         model = llm.engine.runner.model
@@ -127,10 +132,10 @@ def main() -> int:
         prompts = rand_prompts(args.offline_requests, args.offline_len, arch.vocab_size, seed=1)
         t = timed_generate(llm, prompts, args.offline_len)
         tok_s = args.offline_requests * args.offline_len / t
-        if scheme == "none":
+        if label == "none":
             bf16_tok_s = tok_s
         vs = f"{tok_s / bf16_tok_s:.2f}x" if bf16_tok_s else "-"
-        print(f"{scheme:<9} {weight_bytes / 2**30:>11.2f} {ms_tok:>13.2f} {limit_ms:>9.2f} {limit_ms / ms_tok:>8.0%} "
+        print(f"{label:<9} {weight_bytes / 2**30:>11.2f} {ms_tok:>13.2f} {limit_ms:>9.2f} {limit_ms / ms_tok:>8.0%} "
               f"{batch_ms:>12.2f} {args.offline_requests / t:>13.1f} {tok_s:>10.0f} {vs:>8} "
               f"{llm.engine.plan.kv_capacity_tokens:>10} {TARGETS.get(scheme, ''):<20} {linears}", flush=True)
         del llm, model

@@ -39,6 +39,12 @@ class ModelConfig:
         "quantize at load time: fp8 (W8A8), int8_wo (W8A16), int4_wo (W4A16, group 128), int8_sq (W8A8 without "
         "smoothing); int4_awq and calibrated int8_sq come from `kvflight quantize`",
         choices=("auto", "none", "fp8", "int8_wo", "int4_wo", "int8_sq", "int4_awq"))
+    quantize_lm_head: str = _f(
+        "auto", "LM head (vocabulary projection) as int8 weights per output row (TensorRT-LLM's --quantize_lm_head): "
+        "a decode step reads half the head's bytes (Llama-3.1-8B: 1.05 -> 0.53 GB; H100 batch-1 int4_awq "
+        "decode -0.16 ms/token); SmolLM2 perplexity +0.2%. on, off, or auto (as the checkpoint's "
+        "quantization_config records: `kvflight quantize --quantize-lm-head`; else off)",
+        choices=("auto", "on", "off"))
     served_model_name: str | None = _f(None, "name reported by the API (default: derived from the model path)")
 
 

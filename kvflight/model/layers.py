@@ -331,15 +331,71 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection to the vocabulary, split over ranks like the embedding; logits are gathered."""
+    """Output projection to the vocabulary, split over ranks like the embedding; logits are gathered.
+
+    quantize_int8_() turns it into an int8 head (weights per output row, as int8_wo; TensorRT-LLM's
+    --quantize_lm_head): int8_weight [V_local, hidden] int8 and int8_scale [V_local] float32, read by the
+    weight-only kernels (one row: wo_gemv, more: w8a16_matmul; CPU: the dequantized copy)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, dtype=dtype, device=device)
+        self.int8_weight: torch.Tensor | None
+        self.int8_scale: torch.Tensor | None
+        self.register_buffer("int8_weight", None)  # [V_local, hidden] int8 once quantize_int8_ ran
+        self.register_buffer("int8_scale", None)  # [V_local] float32
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is not an embedding: call compute_logits(hidden)")
 
+    @property
+    def is_int8(self) -> bool:
+        return self.int8_weight is not None
+
+    @torch.no_grad()
+    def quantize_int8_(self, keep_float_weight: bool, rows_per_chunk: int = 8192) -> None:
+        """Quantize the head's rows to int8 (symmetric, max |w| / 127 per row). keep_float_weight: a tied head's
+        weight is the embedding's, which stays; an untied head's float weight is freed."""
+        from kvflight.quant import ops
+
+        if self.is_int8:
+            raise ValueError("the LM head is already int8")
+        w = self.weight.data  # [V_local, hidden]
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        for start in range(0, w.shape[0], rows_per_chunk):  # float32 temporaries of one chunk at a time
+            q[start:start + rows_per_chunk], scale[start:start + rows_per_chunk] = \
+                ops.quantize_int8_per_channel(w[start:start + rows_per_chunk])
+        self.int8_weight = q
+        self.int8_scale = scale
+        if not keep_float_weight:
+            del self.weight
+            self.register_parameter("weight", None)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] (model dtype)
-        logits = F.linear(hidden, self.weight)  # [B, V_local]
+        if self.is_int8:
+            logits = self._int8_logits(hidden)  # [B, V_local]
+        else:
+            logits = F.linear(hidden, self.weight)  # [B, V_local]
         logits = tp_all_gather_last_dim(logits)  # [B, V_local * tp]
         return logits[..., : self.num_embeddings]
+
+    def _int8_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.int8_weight is not None and self.int8_scale is not None
+        if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+            if hidden.numel() == hidden.shape[-1]:  # one row (batch-1 decode)
+                from kvflight.kernels.wo_gemv import wo_gemv
+
+                return wo_gemv(hidden, self.int8_weight, self.int8_scale)
+            from kvflight.kernels.w8a16_matmul import w8a16_matmul
+
+            return w8a16_matmul(hidden, self.int8_weight, self.int8_scale)
+        cache = self.__dict__.get("_dequantized")  # CPU: the dequantized head, made once (GPU float32: each call)
+        if cache is None or cache.dtype != hidden.dtype:
+            cache = (self.int8_weight.float() * self.int8_scale[:, None]).to(hidden.dtype)
+            if cache.device.type == "cpu":
+                self.__dict__["_dequantized"] = cache
+        return F.linear(hidden, cache)
 
 
 # ---- norms, activation, rotary ----------------------------------------------------------------------------------

@@ -291,16 +291,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", seed: int = 0,
-               quantization: str = "auto") -> "LlamaForCausalLM":
+               quantization: str = "auto", quantize_lm_head: str = "auto") -> "LlamaForCausalLM":
     """Build the model for `arch` on `device` in `dtype` and fill its weights from `resolved` (eval mode).
 
     quantization (kvflight.quant): "auto" loads a `kvflight quantize` checkpoint as it is quantized (float
     checkpoints stay float); a scheme name quantizes float weights while loading (online); "none" keeps floats.
+    quantize_lm_head: "on" makes the LM head int8 (ParallelLMHead.quantize_int8_), "off" keeps it float, "auto"
+    follows the checkpoint's quantization_config (lm_head: int8_wo).
     """
     from kvflight.quant.linear import quantized_linears
     from kvflight.quant.loading import (
         check_quantized_load,
         checkpoint_quant_config,
+        lm_head_int8,
         plan_quantization,
         quantize_model_,
     )
@@ -330,6 +333,8 @@ def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtyp
         raise ModelLoadError(f"format {resolved.format!r}: supported: hf, gguf, dummy")
     if online_quant is not None:
         quantize_model_(model, online_quant)
+    if lm_head_int8(quantize_lm_head, build_quant or online_quant):
+        model.lm_head.quantize_int8_(keep_float_weight=arch.tie_word_embeddings)
     return model.eval()
 
 

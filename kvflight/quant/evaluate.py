@@ -98,6 +98,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                      help="comma-separated KV cache dtypes scored with every scheme: auto (no quantized cache), "
                           "int8, fp8 (K/V written to a paged cache of that dtype and read back through it; scales "
                           "from the checkpoint, else online calibration), e.g. auto,int8,fp8")
+    ppl.add_argument("--quantize-lm-head", default="auto",
+                     help="comma-separated LM head settings scored with every scheme: auto (as the checkpoint "
+                          "records), off (float head), on (int8 per output row), e.g. off,on")
     ppl.add_argument("--max-seq-len", type=int, default=512, help="tokens per scored window")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ppl.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, ...")
@@ -121,6 +124,9 @@ def run_eval(args: argparse.Namespace) -> int:
     kv_dtypes = [s.strip() for s in args.kv_cache_dtype.split(",") if s.strip()]
     if not kv_dtypes or any(k not in ("auto", "int8", "fp8") for k in kv_dtypes):
         raise QuantizationError(f"--kv-cache-dtype {args.kv_cache_dtype!r}: each entry must be auto, int8 or fp8")
+    heads = [s.strip() for s in args.quantize_lm_head.split(",") if s.strip()]
+    if not heads or any(h not in ("auto", "on", "off") for h in heads):
+        raise QuantizationError(f"--quantize-lm-head {args.quantize_lm_head!r}: each entry must be auto, on or off")
     resolved = resolve_model(args.model, args.load_format)
     arch = load_arch(resolved)
     tokenizer = load_tokenizer(resolved, args.tokenizer)
@@ -131,13 +137,14 @@ def run_eval(args: argparse.Namespace) -> int:
     logger.info("scoring %d tokens in %d windows of <= %d", num_tokens, len(sequences), args.max_seq_len)
     rows = []
     baseline: PerplexityResult | None = None
-    for scheme in schemes:
+    for scheme, head in [(scheme, head) for scheme in schemes for head in heads]:
         t0 = time.perf_counter()
-        model = load_model(resolved, arch, args.dtype, args.device, quantization=scheme)
+        model = load_model(resolved, arch, args.dtype, args.device, quantization=scheme, quantize_lm_head=head)
+        name = scheme + ("+lm_head:int8" if model.lm_head.is_int8 else "")
         for kv in kv_dtypes:
             result = perplexity(model, sequences) if kv == "auto" else _kv_perplexity(
                 model, sequences, kv, resolved.path, tokenizer, arch.vocab_size)
-            row = {"quantization": scheme if kv == "auto" else f"{scheme}+kv:{kv}",
+            row = {"quantization": name if kv == "auto" else f"{name}+kv:{kv}",
                    "linears": describe_quantization(model), "kv_cache_dtype": kv,
                    "perplexity": result.perplexity, "tokens": result.num_predicted_tokens,
                    "seconds": time.perf_counter() - t0}

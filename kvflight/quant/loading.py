@@ -75,6 +75,16 @@ def plan_quantization(requested: str, checkpoint: QuantConfig | None,
     return None, online
 
 
+def lm_head_int8(setting: str, config: QuantConfig | None) -> bool:
+    """Whether the LM head becomes int8: the quantize_lm_head setting (on / off), or with "auto" what the model's
+    quantization config records (a `kvflight quantize --quantize-lm-head` checkpoint)."""
+    if setting not in ("auto", "on", "off"):
+        raise QuantizationError(f"quantize_lm_head={setting!r}: expected auto, on or off")
+    if setting == "auto":
+        return config is not None and config.lm_head == "int8_wo"
+    return setting == "on"
+
+
 def linear_layers(model: nn.Module) -> Iterable[tuple[str, "_ParallelLinear"]]:
     """(module name, layer) of every quantizable linear (the modules with a quant method)."""
     for name, module in model.named_modules():
@@ -123,5 +133,5 @@ def describe_quantization(model: nn.Module) -> str:
     return ", ".join(f"{k} x {v}" for k, v in counts.items()) or "no linear layers"
 
 
-__all__ = ["QUANT_SCHEMES", "checkpoint_quant_config", "plan_quantization", "quantize_model_",
+__all__ = ["QUANT_SCHEMES", "checkpoint_quant_config", "plan_quantization", "quantize_model_", "lm_head_int8",
            "check_quantized_load", "describe_quantization", "linear_layers"]

@@ -123,6 +123,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "data (after the weights are quantized) and record kv_cache_dtype, kv_cache_amax and "
                         "kv_cache_scales in config.json; `kvflight serve` then runs an int8 / fp8 KV cache with "
                         "these scales (kv_cache_dtype auto follows the checkpoint)")
+    p.add_argument("--quantize-lm-head", "--quantize_lm_head", dest="quantize_lm_head", action="store_true",
+                   help="record lm_head: int8_wo in config.json: `kvflight serve` makes the LM head int8 per output "
+                        "row at load (the checkpoint keeps the float head; quantize_lm_head=off serves it float)")
     p.add_argument("--awq-grid", type=int, default=20, help="AWQ scale-exponent grid points (default 20)")
     p.add_argument("--no-awq-clip", dest="awq_clip", action="store_false", help="AWQ: skip the clipping search")
     p.add_argument("--awq-search-tokens", "--search-tokens", dest="awq_search_tokens", type=int,
@@ -167,7 +170,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                        "max_seq_length": args.calib_max_seq_length}
     config = QuantConfig(scheme=args.qformat, group_size=args.group_size, zero_point=args.zero_point,
                          weight_granularity=args.fp8_weight_scale, smoothquant_alpha=args.alpha,
-                         kv_cache_dtype=args.kv_cache_dtype, calibration=calibration)
+                         kv_cache_dtype=args.kv_cache_dtype, calibration=calibration,
+                         lm_head="int8_wo" if args.quantize_lm_head else "none")
     tokenizer = load_tokenizer(resolved, args.tokenizer)
     model = load_model(resolved, arch, args.dtype, args.device, quantization="none")
     logger.info("loaded %s (%s) in %.1f s", resolved.name, arch.architecture, time.perf_counter() - t0)

@@ -9,7 +9,8 @@ Schemes (the names of TensorRT-LLM's `--qformat`):
     int4_wo   W4A16: int4 weights per group of input columns (default 128), scales and zero points
     int4_awq  W4A16 as int4_wo, after AWQ: activation-aware per-input-channel scales (and range clipping) searched
               on calibration data and folded into the preceding ops
-Embeddings, the LM head and norms stay in the model dtype.
+Embeddings and norms stay in the model dtype; the LM head too, unless lm_head="int8_wo" (int8 per output row,
+quantized at load time from the float head the checkpoint keeps: `kvflight quantize --quantize-lm-head`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", *QUANT_SCHEMES)  # the 
 ONLINE_SCHEMES: tuple[str, ...] = ("fp8", "int8_wo", "int4_wo", "int8_sq")  # need no calibration data
 CALIBRATED_SCHEMES: tuple[str, ...] = ("int8_sq", "int4_awq")
 KV_CACHE_DTYPES: tuple[str, ...] = ("int8", "fp8")
+LM_HEAD_SCHEMES: tuple[str, ...] = ("none", "int8_wo")
 QUANT_METHOD_NAME = "kvflight"  # quantization_config.quant_method of checkpoints we write
 FORMAT_VERSION = 1
 
@@ -39,6 +41,7 @@ class QuantConfig:
     weight_granularity: str = "tensor"  # fp8: "tensor" (one scale per projection) or "channel" (per output row)
     smoothquant_alpha: float | None = None  # int8_sq: migration strength; 0 = no smoothing; None = searched
     kv_cache_dtype: str | None = None  # recorded for the KV-cache quantization (implemented elsewhere)
+    lm_head: str = "none"  # "int8_wo": the loader makes the LM head int8 (ParallelLMHead.quantize_int8_)
     calibration: dict[str, Any] = field(default_factory=dict)  # what calibrated it (dataset, sizes, options)
 
     def __post_init__(self) -> None:
@@ -51,6 +54,8 @@ class QuantConfig:
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise QuantizationError(f"smoothquant_alpha={self.smoothquant_alpha}: must be in [0, 1] (e.g. 0.5), "
                                     "or None / 'auto' (searched per layer)")
+        if self.lm_head not in LM_HEAD_SCHEMES:
+            raise QuantizationError(f"lm_head={self.lm_head!r}: supported: {', '.join(LM_HEAD_SCHEMES)}")
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise QuantizationError(f"kv_cache_dtype={self.kv_cache_dtype!r}: supported: "
                                     f"{', '.join(KV_CACHE_DTYPES)}")
@@ -75,8 +80,10 @@ class QuantConfig:
             "scheme": self.scheme,
             "weight_bits": self.weight_bits,
             "activation_scheme": self.activation_scheme,
-            "modules_not_quantized": ["embed_tokens", "lm_head", "norms"],
+            "modules_not_quantized": ["embed_tokens", "norms"] + (["lm_head"] if self.lm_head == "none" else []),
         }
+        if self.lm_head != "none":
+            out["lm_head"] = self.lm_head
         if self.weight_bits == 4:
             out.update(group_size=self.group_size, zero_point=self.zero_point,
                        group_size_rule="per layer: the largest of group_size, group_size/2, ... (>= 32) that "
@@ -110,7 +117,7 @@ class QuantConfig:
                        zero_point=bool(data.get("zero_point", True)),
                        weight_granularity=data.get("weight_granularity", "tensor"),
                        smoothquant_alpha=_alpha(data.get("smoothquant_alpha", "auto"), where),
-                       kv_cache_dtype=data.get("kv_cache_dtype"),
+                       kv_cache_dtype=data.get("kv_cache_dtype"), lm_head=data.get("lm_head", "none"),
                        calibration=dict(data.get("calibration") or {}))
         except KeyError:
             raise QuantizationError(f"{where}: quantization_config lacks 'scheme'") from None

@@ -97,7 +97,8 @@ class ModelRunner:
         mem0 = self._allocated()
         self.model_name = resolved.name or "the model"
         self.model = load_model(resolved, arch, self.dtype, self.device, config.model.seed,
-                                quantization=config.model.quantization)
+                                quantization=config.model.quantization,
+                                quantize_lm_head=config.model.quantize_lm_head)
         self.model.eval()
         self.kernel_backend = resolve_kernel_backend(config.runtime.kernel_backend, self.device)
         self.model.set_kernel_backend(self.kernel_backend)

@@ -9,7 +9,8 @@ D = head_dim, L = layers, tp = tensor_parallel_size, ``act`` = bytes per element
   head (ceil(V / tp) rows), norms replicated. K/V heads: num_kv_heads / tp per GPU, or 1 (replicated) when
   num_kv_heads < tp. Weights are stored in the compute dtype (GGUF files are dequantized at load), except the
   linear layers under a weight scheme (``quantization``): 1 byte per weight for fp8 / int8_wo / int8_sq, about
-  0.53 for int4_wo / int4_awq (two codes a byte + 16-bit scale and zero per group of 128). Plus the rotary cos/sin
+  0.53 for int4_wo / int4_awq (two codes a byte + 16-bit scale and zero per group of 128); with
+  ``quantize_lm_head=on`` the LM head's rows in int8 + a float32 scale. Plus the rotary cos/sin
   cache, float32 [max_position_embeddings, head_dim].
 * activation workspace: what the runner measures on the GPU with one profiling forward of
   ``T = min(max_num_tokens, max_seq_len * max_batch_size)`` tokens split over ``B = min(max_batch_size, T)``
@@ -143,6 +144,7 @@ class PlanInputs:
     cuda_graph_max_batch_size: int | None = None
     kernel_backend: str = "auto"  # CUDA graphs are captured with the triton kernels only (auto on a GPU)
     quantization: str = "auto"  # weight scheme of the linear layers (auto / none: the compute dtype)
+    quantize_lm_head: str = "auto"  # on: an int8 LM head (auto counts it float: the checkpoint is not read here)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -181,7 +183,8 @@ class PlanInputs:
                    enforce_eager=r.enforce_eager,
                    cuda_graph_max_batch_size=getattr(r, "cuda_graph_max_batch_size", None),
                    kernel_backend=getattr(r, "kernel_backend", "auto"),
-                   quantization=getattr(cfg.model, "quantization", "auto"))
+                   quantization=getattr(cfg.model, "quantization", "auto"),
+                   quantize_lm_head=getattr(cfg.model, "quantize_lm_head", "auto"))
 
     def replace(self, **changes: Any) -> "PlanInputs":
         return dataclasses.replace(self, **changes)
@@ -274,13 +277,20 @@ def linear_params_per_gpu(arch: ModelArch, shard: ShardShape) -> int:
     return arch.num_layers * (h * s.q_size + 2 * h * s.kv_size + s.q_size * h + 3 * h * s.intermediate_size)
 
 
-def weights_bytes_per_gpu(arch: ModelArch, shard: ShardShape, act_bytes: int, quantization: str) -> int:
-    """Parameter bytes on one GPU: the linear layers in their weight scheme's bytes, the rest in the compute dtype."""
+def weights_bytes_per_gpu(arch: ModelArch, shard: ShardShape, act_bytes: int, quantization: str,
+                          lm_head_int8: bool = False) -> int:
+    """Parameter bytes on one GPU: the linear layers in their weight scheme's bytes, the rest in the compute dtype.
+    lm_head_int8: the head's rows as int8 + a float32 scale each; an untied head's float copy is freed, a tied one's
+    is the embedding and stays."""
     total = params_per_gpu(arch, shard) * act_bytes
     per_param = LINEAR_BYTES_PER_PARAM.get(quantization)
     if per_param is not None:
         linear = linear_params_per_gpu(arch, shard)
         total -= linear * act_bytes - int(linear * per_param)
+    if lm_head_int8:
+        total += shard.vocab_rows * (arch.hidden_size + 4)
+        if not arch.tie_word_embeddings:
+            total -= shard.vocab_rows * arch.hidden_size * act_bytes
     return total
 
 
@@ -358,7 +368,8 @@ def _budget(arch: ModelArch, inputs: PlanInputs, max_seq_len: int, gpu_memory_by
     on_gpu = gpu_memory_bytes is not None
     act = _act_bytes(inputs, on_gpu)
     shard = shard_shape(arch, inputs.tensor_parallel_size)
-    weights = weights_bytes_per_gpu(arch, shard, act, inputs.quantization) + rotary_cache_bytes(arch)
+    weights = (weights_bytes_per_gpu(arch, shard, act, inputs.quantization, inputs.quantize_lm_head == "on")
+               + rotary_cache_bytes(arch))
     t = min(inputs.max_num_tokens, max_seq_len * inputs.max_batch_size)
     rows = max(1, min(inputs.max_batch_size, t))
     fwd = forward_peak_bytes(shard, t, act)

@@ -132,12 +132,13 @@ def test_quantize_and_eval_commands(tiny_with_tokenizer, tmp_path) -> None:
     out = tmp_path / "sq"
     res = _run("quantize", str(tiny_with_tokenizer), "--qformat", "int8_sq", "--calib-dataset", str(calib),
                "--calib-size", "4", "--calib-max-seq-length", "32", "--smoothquant-alpha", "0.6",
-               "--kv-cache-dtype", "fp8", "--output", str(out), "--device", "cpu")
+               "--kv-cache-dtype", "fp8", "--quantize-lm-head", "--output", str(out), "--device", "cpu")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["linears"].startswith("int8_sq") and summary["output"] == str(out)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["scheme"] == "int8_sq" and qcfg["smoothquant_alpha"] == 0.6 and qcfg["kv_cache_dtype"] == "fp8"
+    assert qcfg["lm_head"] == "int8_wo"  # served with an int8 LM head (quantize_lm_head auto)
     assert qcfg["calibration"]["dataset"] == str(calib) and qcfg["calibration"]["num_sequences"] == 4
     text = tmp_path / "eval.txt"
     text.write_text("A small paragraph of text to score.\n\nAnother paragraph, with different words in it.\n",
@@ -151,14 +152,15 @@ def test_quantize_and_eval_commands(tiny_with_tokenizer, tmp_path) -> None:
     res = _run("eval", "ppl", str(out), "--dataset", str(text), "--json", "--device", "cpu")
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout.strip().splitlines()[-1])
-    assert row["quantization"] == "auto" and row["linears"].startswith("int8_sq") and row["perplexity"] > 1
+    assert row["quantization"] == "auto+lm_head:int8" and row["linears"].startswith("int8_sq")
+    assert row["perplexity"] > 1
     # the same checkpoint through its fp8 KV cache (the checkpoint's calibrated scales) and an online-calibrated
     # int8 cache: each scored against the float cache on the same tokens
     res = _run("eval", "ppl", str(out), "--dataset", str(text), "--json", "--device", "cpu", "--max-seq-len", "16",
                "--kv-cache-dtype", "auto,fp8,int8")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(ln) for ln in res.stdout.strip().splitlines()]
-    assert [r["quantization"] for r in rows] == ["auto", "auto+kv:fp8", "auto+kv:int8"]
+    assert [r["quantization"] for r in rows] == [f"auto+lm_head:int8{kv}" for kv in ("", "+kv:fp8", "+kv:int8")]
     for r in rows[1:]:
         assert abs(r["delta_vs_first"]) < 0.05 and r["top1_agreement_vs_first"] > 0.8, r
         assert r["perplexity"] != rows[0]["perplexity"]  # the quantized cache was really read back

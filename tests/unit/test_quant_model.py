@@ -288,3 +288,93 @@ def test_pdl_launches_change_nothing_on_gpu(scheme: str, monkeypatch: pytest.Mon
                         for o in outs])
         del llm
     assert results[0] == results[1]
+
+
+# ---- int8 LM head (quantize_lm_head) ----------------------------------------------------------------------------
+def test_lm_head_int8_untied_frees_the_float_head_and_stays_close(tiny) -> None:
+    float_model, _, _ = _load(tiny["llama"])
+    resolved = resolve_model(str(tiny["llama"]))
+    model = load_model(resolved, load_arch(resolved), "float32", "cpu", quantize_lm_head="on")
+    head = model.lm_head
+    assert head.is_int8 and head.weight is None and head.int8_weight.dtype == torch.int8
+    # the head computes exactly with its dequantized rows (codes x per-row scale, scale = max |w_row| / 127)
+    w = float_model.lm_head.weight.detach()
+    scale = w.abs().amax(dim=1) / 127
+    torch.testing.assert_close(head.int8_scale, scale)
+    assert int((head.int8_weight.float() * scale[:, None] - w).abs().max() / scale.max() * 2) <= 1  # half a step
+    hidden = torch.randn(5, HIDDEN)
+    want = hidden @ (head.int8_weight.float() * head.int8_scale[:, None]).t()
+    torch.testing.assert_close(head.compute_logits(hidden), want, atol=1e-5, rtol=1e-5)
+    seqs = _sequences(seed=4)
+    assert _rel(_logits(model, seqs), _logits(float_model, seqs)) < 0.01
+    assert "lm_head.weight" not in dict(model.named_parameters())
+    with pytest.raises(ValueError, match="already int8"):
+        head.quantize_int8_(keep_float_weight=False)
+
+
+def test_lm_head_int8_tied_keeps_the_embedding() -> None:
+    from kvflight.model.arch import ModelArch
+    from kvflight.model.llama import LlamaForCausalLM
+
+    arch = ModelArch(architecture="LlamaForCausalLM", hidden_size=HIDDEN, num_layers=1, num_heads=HEADS,
+                     num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=INTER, vocab_size=VOCAB,
+                     rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64,
+                     tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(arch)
+    model.model.embed_tokens.weight.data.normal_()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    model.lm_head.quantize_int8_(keep_float_weight=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: the embedding is untouched
+    torch.testing.assert_close(model.model.embed_tokens.weight, embedding, atol=0, rtol=0)
+    hidden = torch.randn(3, HIDDEN)
+    assert _rel(model.lm_head.compute_logits(hidden), hidden @ embedding.t()) < 0.01
+
+
+def test_lm_head_setting_and_checkpoint_record(tiny, tmp_path) -> None:
+    from kvflight.quant.loading import lm_head_int8
+    from kvflight.tune.planner import shard_shape, weights_bytes_per_gpu
+
+    recorded = QuantConfig("int8_wo", lm_head="int8_wo")
+    assert lm_head_int8("auto", recorded) and not lm_head_int8("auto", QuantConfig("int8_wo"))
+    assert not lm_head_int8("auto", None) and lm_head_int8("on", None) and not lm_head_int8("off", recorded)
+    with pytest.raises(QuantizationError, match="quantize_lm_head='yes'"):
+        lm_head_int8("yes", None)
+    with pytest.raises(QuantizationError, match="lm_head='int4'"):
+        QuantConfig("int8_wo", lm_head="int4")
+    hf = recorded.to_hf_dict()
+    assert hf["lm_head"] == "int8_wo" and "lm_head" not in hf["modules_not_quantized"]
+    assert QuantConfig.from_hf_dict(hf) == recorded
+    assert "lm_head" not in QuantConfig("int8_wo").to_hf_dict()
+    # a checkpoint that records it: auto makes the head int8, off keeps it float
+    model, resolved, arch = _load(tiny["llama"])
+    quantize_in_memory(model, recorded, _sequences(), None)
+    out = tmp_path / "int8_head"
+    write_checkpoint(model, source_hf_config(resolved, arch), recorded, str(out), float_dtype=torch.float32)
+    assert "lm_head.weight" in load_file(str(out / "model.safetensors"))  # the float head is kept
+    loaded, _, _ = _load(out)
+    assert loaded.lm_head.is_int8
+    resolved_out = resolve_model(str(out))
+    assert not load_model(resolved_out, arch, "float32", "cpu", quantize_lm_head="off").lm_head.is_int8
+    # the planner counts the head's int8 bytes (untied: the float copy is gone)
+    shard = shard_shape(arch, 1)
+    saved = weights_bytes_per_gpu(arch, shard, 2, "int8_wo") - weights_bytes_per_gpu(arch, shard, 2, "int8_wo", True)
+    assert saved == VOCAB * HIDDEN * 2 - VOCAB * (HIDDEN + 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lm_head_int8_gpu_kernels_equal_the_dequantized_head() -> None:
+    """bf16 on the GPU: one row through wo_gemv, 2..300 rows through w8a16_matmul (Llama-3.1-8B head width, a
+    vocabulary slice), against the dequantized head in float32."""
+    from kvflight.model.layers import ParallelLMHead
+
+    torch.manual_seed(0)
+    head = ParallelLMHead(32000, 4096, dtype=torch.bfloat16, device="cuda")
+    head.weight.data.normal_(0, 0.02)
+    head.quantize_int8_(keep_float_weight=False)
+    w = head.int8_weight.float() * head.int8_scale[:, None]
+    for rows in (1, 4, 300):
+        hidden = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        got = head.compute_logits(hidden).float()
+        assert got.shape == (rows, 32000)
+        assert _rel(got, hidden.float() @ w.t()) < 0.01, rows
