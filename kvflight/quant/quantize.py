@@ -173,7 +173,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                          kv_cache_dtype=args.kv_cache_dtype, calibration=calibration,
                          lm_head="int8_wo" if args.quantize_lm_head else "none")
     tokenizer = load_tokenizer(resolved, args.tokenizer)
-    model = load_model(resolved, arch, args.dtype, args.device, quantization="none")
+    model = load_model(resolved, arch, args.dtype, args.device, quantization="none", quantize_lm_head="off")
     logger.info("loaded %s (%s) in %.1f s", resolved.name, arch.architecture, time.perf_counter() - t0)
     sequences = None
     if args.qformat in CALIBRATED_SCHEMES:
