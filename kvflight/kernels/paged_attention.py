@@ -62,6 +62,44 @@ def _find_seq(query_start_loc_ptr, num_seqs, tile_idx, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile_offsets(block_table_ptr, tile, kv_end, c_stride_block, c_stride_off, HEAD_DIM_PAD: tl.constexpr,
+                     TOKENS_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """KV tile `tile`'s key positions [BLOCK_N] and element offsets [BLOCK_N, HEAD_DIM_PAD] from the K half of one
+    KV head (one block-table lookup, or one per position when a tile spans several cache blocks)."""
+    cols = tl.arange(0, BLOCK_N)
+    pos = tile * BLOCK_N + cols  # [BLOCK_N] key positions
+    if BLOCK_N <= TOKENS_PER_BLOCK:
+        # the whole tile lies in one cache block: one block id, contiguous offsets
+        block_id = tl.load(block_table_ptr + (tile * BLOCK_N) // TOKENS_PER_BLOCK).to(tl.int64)
+        slot_off = block_id * c_stride_block + ((tile * BLOCK_N) % TOKENS_PER_BLOCK + cols) * c_stride_off
+    else:
+        if MASKED:
+            block_id = tl.load(block_table_ptr + pos // TOKENS_PER_BLOCK, mask=pos < kv_end, other=0)
+        else:
+            block_id = tl.load(block_table_ptr + pos // TOKENS_PER_BLOCK)
+        slot_off = block_id.to(tl.int64) * c_stride_block + (pos % TOKENS_PER_BLOCK) * c_stride_off
+    return pos, slot_off[:, None] + tl.arange(0, HEAD_DIM_PAD)[None, :]
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, k, v, pos, q_pos, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax update with a loaded K / V tile [BLOCK_N, HEAD_DIM_PAD] (codes or floats) at key
+    positions pos [BLOCK_N]; MASKED applies the causal limit q_pos [BLOCK_M]."""
+    k = k.to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
+    v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] f32, log2 units
+    if MASKED:
+        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at l = 0
+    p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M]; 0 on the first visible tile
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attend_kv_tiles(
     acc, l_i, m_i,  # running state: [BLOCK_M, HEAD_DIM_PAD] f32, [BLOCK_M] f32, [BLOCK_M] f32 (log2 domain)
     q,  # [BLOCK_M, HEAD_DIM_PAD] in q's dtype
@@ -76,20 +114,9 @@ def _attend_kv_tiles(
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     dims = tl.arange(0, HEAD_DIM_PAD)
-    cols = tl.arange(0, BLOCK_N)
     for tile in range(tile_lo, tile_hi):
-        pos = tile * BLOCK_N + cols  # [BLOCK_N] key positions
-        if BLOCK_N <= TOKENS_PER_BLOCK:
-            # the whole tile lies in one cache block: one block id, contiguous offsets
-            block_id = tl.load(block_table_ptr + (tile * BLOCK_N) // TOKENS_PER_BLOCK).to(tl.int64)
-            slot_off = block_id * c_stride_block + ((tile * BLOCK_N) % TOKENS_PER_BLOCK + cols) * c_stride_off
-        else:
-            if MASKED:
-                block_id = tl.load(block_table_ptr + pos // TOKENS_PER_BLOCK, mask=pos < kv_end, other=0)
-            else:
-                block_id = tl.load(block_table_ptr + pos // TOKENS_PER_BLOCK)
-            slot_off = block_id.to(tl.int64) * c_stride_block + (pos % TOKENS_PER_BLOCK) * c_stride_off
-        kv_off = slot_off[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM_PAD]
+        pos, kv_off = _kv_tile_offsets(block_table_ptr, tile, kv_end, c_stride_block, c_stride_off, HEAD_DIM_PAD,
+                                       TOKENS_PER_BLOCK, BLOCK_N, MASKED)  # [BLOCK_N], [BLOCK_N, HEAD_DIM_PAD]
         if MASKED:
             kv_mask = (pos < kv_end)[:, None] & (dims < HEAD_DIM)[None, :]
             k = tl.load(kv_head_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -101,18 +128,7 @@ def _attend_kv_tiles(
         else:
             k = tl.load(kv_head_ptr + kv_off)
             v = tl.load(kv_head_ptr + c_stride_kv + kv_off)
-        k = k.to(q.dtype)  # [BLOCK_N, HEAD_DIM_PAD]
-        v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] f32, log2 units
-        if MASKED:
-            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at l = 0
-        p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, BLOCK_N]
-        alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M]; 0 on the first visible tile
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, pos, q_pos, qk_scale, MASKED, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -155,15 +171,11 @@ def _paged_attention_kernel(
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
     pdl_trigger(PDL)
-    pdl_wait(PDL)
+    # Until pdl_wait only what no kernel of this forward writes is read (kernels/pdl.py): the step's metadata and the
+    # keys / values cached by earlier steps. The first KV tile lying wholly before this step's new tokens is loaded
+    # here, so its block-table lookup and loads overlap the kernel ahead (the one writing q and the new K / V).
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if KV_SCALED:
-        # the program owns one KV head: its K scale folds into the softmax scale, its V scale into the output
-        # (K / V codes convert exactly to q's dtype in the tile loop: int8 and e4m3 fit bfloat16's mantissa)
-        k_s = tl.load(k_scale_ptr + kv_head * scale_stride_h)
-        v_s = tl.load(v_scale_ptr + kv_head * scale_stride_h)
-        qk_scale = qk_scale * k_s
     if SINGLE_TILE:
         seq = tl.program_id(0)
         q_tile_in_seq = 0
@@ -175,23 +187,11 @@ def _paged_attention_kernel(
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
     first_q = q_tile_in_seq * BLOCK_Q  # this tile's first new token, counted within the sequence
     if first_q >= query_len:
+        pdl_wait(PDL)  # (nothing to write; waiting keeps every program's exit after the kernel ahead's)
         return  # past the sequence's last tile (or a query_len == 0 padding sequence)
     seq_len = tl.load(seq_lens_ptr + seq)
     context_before = seq_len - query_len  # cached positions before the new tokens
     last_q = tl.minimum(first_q + BLOCK_Q, query_len) - 1  # this tile's last new token
-
-    rows = tl.arange(0, BLOCK_M)
-    row_tok = rows // GROUP  # token offset in the tile
-    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M] query head of each row
-    tok_in_seq = first_q + row_tok
-    row_valid = (row_tok < BLOCK_Q) & (tok_in_seq < query_len)
-    token = (q_begin + tl.minimum(tok_in_seq, last_q)).to(tl.int64)  # [BLOCK_M]; padding rows repeat the last
-    q_pos = context_before + tl.minimum(tok_in_seq, last_q)  # [BLOCK_M] absolute positions
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    dim_ok = dims < HEAD_DIM
-    q_mask = row_valid[:, None] & dim_ok[None, :]
-    q = tl.load(q_ptr + token[:, None] * q_stride_t + head[:, None] * q_stride_h + dims[None, :],
-                mask=q_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
 
     kv_end = tl.maximum(context_before + last_q + 1, 0)  # this tile reads keys [0, kv_end)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
@@ -203,14 +203,45 @@ def _paged_attention_kernel(
     else:
         tile_lo = 0
         tile_hi = num_tiles
+    full_hi = tl.minimum(tile_hi, num_full_tiles)
+
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    kv_head_ptr = kv_ptr + kv_head.to(tl.int64) * c_stride_h
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride_seq
+    # tile_lo is loaded early when it is a full tile of positions < context_before (written by earlier steps)
+    early = tile_lo < tl.minimum(full_hi, tl.maximum(context_before, 0) // BLOCK_N)
+    pos0, kv_off0 = _kv_tile_offsets(block_table_ptr, tl.where(early, tile_lo, 0), kv_end, c_stride_block,
+                                     c_stride_off, HEAD_DIM_PAD, TOKENS_PER_BLOCK, BLOCK_N, True)
+    early_mask = (dims < tl.where(early, HEAD_DIM, 0))[None, :]  # [1, HEAD_DIM_PAD]: all off unless early
+    k0 = tl.load(kv_head_ptr + kv_off0, mask=early_mask, other=0.0)  # [BLOCK_N, HEAD_DIM_PAD]
+    v0 = tl.load(kv_head_ptr + c_stride_kv + kv_off0, mask=early_mask, other=0.0)
+    pdl_wait(PDL)
+
+    if KV_SCALED:
+        # the program owns one KV head: its K scale folds into the softmax scale, its V scale into the output
+        # (K / V codes convert exactly to q's dtype in the tile loop: int8 and e4m3 fit bfloat16's mantissa)
+        k_s = tl.load(k_scale_ptr + kv_head * scale_stride_h)
+        v_s = tl.load(v_scale_ptr + kv_head * scale_stride_h)
+        qk_scale = qk_scale * k_s
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = rows // GROUP  # token offset in the tile
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M] query head of each row
+    tok_in_seq = first_q + row_tok
+    row_valid = (row_tok < BLOCK_Q) & (tok_in_seq < query_len)
+    token = (q_begin + tl.minimum(tok_in_seq, last_q)).to(tl.int64)  # [BLOCK_M]; padding rows repeat the last
+    q_pos = context_before + tl.minimum(tok_in_seq, last_q)  # [BLOCK_M] absolute positions
+    q_mask = row_valid[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + token[:, None] * q_stride_t + head[:, None] * q_stride_h + dims[None, :],
+                mask=q_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    kv_head_ptr = kv_ptr + kv_head.to(tl.int64) * c_stride_h
-    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * bt_stride_seq
+    if early:
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k0, v0, pos0, q_pos, qk_scale, False, DOT_PRECISION)
     acc, l_i, m_i = _attend_kv_tiles(
-        acc, l_i, m_i, q, kv_head_ptr, block_table_ptr, tile_lo, tl.minimum(tile_hi, num_full_tiles), q_pos,
+        acc, l_i, m_i, q, kv_head_ptr, block_table_ptr, tile_lo + early.to(tl.int32), full_hi, q_pos,
         kv_end, qk_scale, c_stride_kv, c_stride_block, c_stride_off,
         HEAD_DIM, HEAD_DIM_PAD, TOKENS_PER_BLOCK, BLOCK_N, False, DOT_PRECISION)
     acc, l_i, m_i = _attend_kv_tiles(

@@ -8,8 +8,9 @@ What this hides is the gap between two kernels plus the new kernel's start-up an
 0.7-0.8 us per kernel boundary on an H100 inside a CUDA graph (benchmarks/pdl_probe_gpu.py: a bf16 GEMV + norm pair
 15.77 -> 14.37 us), over 300 boundaries in a batch-1 decode step of an 8B model (fp8: 3.73 -> 3.47 ms per graph).
 
-Rules for a kernel that takes PDL: before pdl_wait it reads only tensors no kernel writes during a forward (weights)
-and writes nothing; pdl_trigger may come first. Launch it with `**launch_kwargs(tensor, name)`, which asks for a
+Rules for a kernel that takes PDL: before pdl_wait it reads only tensors no kernel writes during a forward (weights,
+the step's input metadata copied in before it, KV-cache entries of earlier steps: paged attention's first tile) and
+writes nothing; pdl_trigger may come first. Launch it with `**launch_kwargs(tensor, name)`, which asks for a
 plain launch (PDL=False) on CPU, under the interpreter, before sm_90, with KVFLIGHT_PDL=0 (or the name listed in
 KVFLIGHT_PDL_SKIP), or on a Triton without it.
 """
