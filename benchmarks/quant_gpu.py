@@ -4,7 +4,7 @@ device machine:
 
     python benchmarks/quant_gpu.py                       # all schemes, both tables
     python benchmarks/quant_gpu.py --schemes none,fp8,int4_awq --offline-requests 200 --no-kernels
-    python benchmarks/quant_gpu.py --schemes int4_awq,int4_awq+lmh8      # +lmh8: with the int8 LM head
+    python benchmarks/quant_gpu.py --schemes fp8,fp8+lmh8,int4_awq,int4_awq+lmhf   # +lmh8 / +lmhf: int8 / float head
 
 Rows: batch-1 decode (128 in / 256 out; the median of 3 runs) in ms/token against the weight-read limit (weight
 bytes / copy bandwidth), small-batch decode (--small-batch requests at once, 128 in / 256 out) in ms per step,
@@ -111,10 +111,12 @@ def main() -> int:
     bf16_tok_s = None
     for label in args.schemes.split(","):
         scheme, _, suffix = label.partition("+")
-        if suffix not in ("", "lmh8"):
-            raise SystemExit(f"--schemes {label!r}: the only suffix is +lmh8 (an int8 LM head)")
+        heads = {"": "auto", "lmh8": "on", "lmhf": "off"}  # the LM head: as served by default, int8, float
+        if suffix not in heads:
+            raise SystemExit(f"--schemes {label!r}: the suffixes are +lmh8 (an int8 LM head) and +lmhf (a float "
+                             "one); none: quantize_lm_head auto (int8 under int4 weights)")
         llm = LLM(args.preset, load_format="dummy", quantization=scheme, max_seq_len=8192, max_batch_size=256,
-                  quantize_lm_head="on" if suffix else "off",
+                  quantize_lm_head=heads[suffix],
                   max_num_tokens=8192, enable_kv_cache_reuse=False,  # repeats must be computed again to be timed
                   enforce_eager=args.eager, kernel_backend=args.kernel_backend)
         model = llm.engine.runner.model

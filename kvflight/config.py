@@ -42,8 +42,9 @@ class ModelConfig:
     quantize_lm_head: str = _f(
         "auto", "LM head (vocabulary projection) as int8 weights per output row (TensorRT-LLM's --quantize_lm_head): "
         "a decode step reads half the head's bytes (Llama-3.1-8B: 1.05 -> 0.53 GB; H100 batch-1 int4_awq "
-        "decode 2.95 -> 2.72 ms/token); SmolLM2 perplexity +0.2%. on, off, or auto (as the checkpoint's "
-        "quantization_config records: `kvflight quantize --quantize-lm-head`; else off)",
+        "decode 2.95 -> 2.72 ms/token); SmolLM2 perplexity +0.2%. on, off, or auto (on with int4_wo / int4_awq "
+        "weights, or as the checkpoint's quantization_config records: `kvflight quantize --quantize-lm-head`; "
+        "else off)",
         choices=("auto", "on", "off"))
     served_model_name: str | None = _f(None, "name reported by the API (default: derived from the model path)")
 

@@ -25,6 +25,8 @@ ONLINE_SCHEMES: tuple[str, ...] = ("fp8", "int8_wo", "int4_wo", "int8_sq")  # ne
 CALIBRATED_SCHEMES: tuple[str, ...] = ("int8_sq", "int4_awq")
 KV_CACHE_DTYPES: tuple[str, ...] = ("int8", "fp8")
 LM_HEAD_SCHEMES: tuple[str, ...] = ("none", "int8_wo")
+# quantize_lm_head "auto" makes the LM head int8 under these weight schemes (kvflight.quant.loading.lm_head_int8)
+AUTO_INT8_HEAD_SCHEMES: tuple[str, ...] = ("int4_wo", "int4_awq")
 QUANT_METHOD_NAME = "kvflight"  # quantization_config.quant_method of checkpoints we write
 FORMAT_VERSION = 1
 

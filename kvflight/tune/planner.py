@@ -10,8 +10,8 @@ D = head_dim, L = layers, tp = tensor_parallel_size, ``act`` = bytes per element
   num_kv_heads < tp. Weights are stored in the compute dtype (GGUF files are dequantized at load), except the
   linear layers under a weight scheme (``quantization``): 1 byte per weight for fp8 / int8_wo / int8_sq, about
   0.53 for int4_wo / int4_awq (two codes a byte + 16-bit scale and zero per group of 128); with
-  ``quantize_lm_head=on`` the LM head's rows in int8 + a float32 scale. Plus the rotary cos/sin
-  cache, float32 [max_position_embeddings, head_dim].
+  ``quantize_lm_head=on`` (or auto with an int4 scheme) the LM head's rows in int8 + a float32 scale. Plus the
+  rotary cos/sin cache, float32 [max_position_embeddings, head_dim].
 * activation workspace: what the runner measures on the GPU with one profiling forward of
   ``T = min(max_num_tokens, max_seq_len * max_batch_size)`` tokens split over ``B = min(max_batch_size, T)``
   sequences, then the logits of B rows and a softmax + sort. Intermediates die layer by layer, so the peak is the
@@ -59,6 +59,7 @@ from typing import Any, Mapping, Sequence
 
 from kvflight.config import ConfigError, EngineConfig, add_cli_args, flat_from_args, load_yaml, parse_size
 from kvflight.model.arch import ModelArch
+from kvflight.quant.schemes import AUTO_INT8_HEAD_SCHEMES
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -144,7 +145,9 @@ class PlanInputs:
     cuda_graph_max_batch_size: int | None = None
     kernel_backend: str = "auto"  # CUDA graphs are captured with the triton kernels only (auto on a GPU)
     quantization: str = "auto"  # weight scheme of the linear layers (auto / none: the compute dtype)
-    quantize_lm_head: str = "auto"  # on: an int8 LM head (auto counts it float: the checkpoint is not read here)
+    # on, or auto with 4-bit weights named by `quantization`: an int8 LM head (auto with quantization "auto" counts
+    # it float: the checkpoint is not read here)
+    quantize_lm_head: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -368,7 +371,9 @@ def _budget(arch: ModelArch, inputs: PlanInputs, max_seq_len: int, gpu_memory_by
     on_gpu = gpu_memory_bytes is not None
     act = _act_bytes(inputs, on_gpu)
     shard = shard_shape(arch, inputs.tensor_parallel_size)
-    weights = (weights_bytes_per_gpu(arch, shard, act, inputs.quantization, inputs.quantize_lm_head == "on")
+    int8_head = inputs.quantize_lm_head == "on" or (inputs.quantize_lm_head == "auto"
+                                                    and inputs.quantization in AUTO_INT8_HEAD_SCHEMES)
+    weights = (weights_bytes_per_gpu(arch, shard, act, inputs.quantization, int8_head)
                + rotary_cache_bytes(arch))
     t = min(inputs.max_num_tokens, max_seq_len * inputs.max_batch_size)
     rows = max(1, min(inputs.max_batch_size, t))

@@ -147,8 +147,9 @@ def test_quantize_and_eval_commands(tiny_with_tokenizer, tmp_path) -> None:
                "none,int8_wo,int4_wo", "--max-seq-len", "16", "--device", "cpu")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("quantization") and [ln.split()[0] for ln in lines[2:]] == ["none", "int8_wo",
-                                                                                            "int4_wo"]
+    # quantize_lm_head auto: int4 weights come with the int8 LM head, named in the row
+    assert lines[0].startswith("quantization") and [ln.split()[0] for ln in lines[2:]] == [
+        "none", "int8_wo", "int4_wo+lm_head:int8"]
     res = _run("eval", "ppl", str(out), "--dataset", str(text), "--json", "--device", "cpu")
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout.strip().splitlines()[-1])

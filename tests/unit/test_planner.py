@@ -256,9 +256,13 @@ def test_quantized_weights_shrink_the_linear_layers_only() -> None:
 
     base = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192}, 80 << 30)
     fp8 = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192, "quantization": "fp8"}, 80 << 30)
-    int4 = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192, "quantization": "int4_awq"}, 80 << 30)
+    int4 = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192, "quantization": "int4_awq",
+                                              "quantize_lm_head": "off"}, 80 << 30)
     linear = linear_params_per_gpu(arch("llama-3.1-8b"), shard_shape(arch("llama-3.1-8b"), 1))
     assert linear == 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # q, o, k, v, gate/up/down
     assert base.weights_bytes - fp8.weights_bytes == linear  # 2 bytes -> 1 byte per linear weight
     assert base.weights_bytes - int4.weights_bytes == linear * 2 - int(linear * (0.5 + 4 / 128))
+    # quantize_lm_head auto under int4 weights: the head's rows in int8 + a float32 scale each
+    auto = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192, "quantization": "int4_awq"}, 80 << 30)
+    assert int4.weights_bytes - auto.weights_bytes == 128256 * 4096 * 2 - 128256 * (4096 + 4)
     assert fp8.num_blocks > base.num_blocks  # the memory saved goes to the KV cache

@@ -84,10 +84,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _load(path: Path, quantization: str = "auto"):
+def _load(path: Path, quantization: str = "auto", quantize_lm_head: str = "auto"):
     resolved = resolve_model(str(path))
     arch = load_arch(resolved)
-    return load_model(resolved, arch, "float32", "cpu", quantization=quantization), resolved, arch
+    model = load_model(resolved, arch, "float32", "cpu", quantization=quantization, quantize_lm_head=quantize_lm_head)
+    return model, resolved, arch
 
 
 # ---- smoothing keeps the float function -------------------------------------------------------------------------
@@ -190,7 +191,8 @@ def test_checkpoint_round_trip(tiny, tmp_path, scheme: str, options: dict) -> No
         assert (stem + "q_proj.qzeros" in names) == config.zero_point
     else:
         assert {stem + "q_proj.weight", stem + "q_proj.weight_scale", "model.layers.1.mlp.up_proj.weight"} <= names
-    loaded, _, _ = _load(out)
+    assert _load(out)[0].lm_head.is_int8 == scheme.startswith("int4")  # quantize_lm_head auto
+    loaded, _, _ = _load(out, quantize_lm_head="off")  # the float head, as the in-memory model has
     assert describe_quantization(loaded) == describe_quantization(model)
     seqs = _sequences(seed=3)
     torch.testing.assert_close(_logits(loaded, seqs), _logits(model, seqs), atol=1e-6, rtol=1e-6)
@@ -337,6 +339,9 @@ def test_lm_head_setting_and_checkpoint_record(tiny, tmp_path) -> None:
 
     recorded = QuantConfig("int8_wo", lm_head="int8_wo")
     assert lm_head_int8("auto", recorded) and not lm_head_int8("auto", QuantConfig("int8_wo"))
+    # auto: int8 under 4-bit weights (the head would be the step's largest read), float under 8-bit ones
+    assert lm_head_int8("auto", QuantConfig("int4_awq")) and lm_head_int8("auto", QuantConfig("int4_wo"))
+    assert not lm_head_int8("auto", QuantConfig("fp8")) and not lm_head_int8("off", QuantConfig("int4_awq"))
     assert not lm_head_int8("auto", None) and lm_head_int8("on", None) and not lm_head_int8("off", recorded)
     with pytest.raises(QuantizationError, match="quantize_lm_head='yes'"):
         lm_head_int8("yes", None)
