@@ -297,7 +297,7 @@ def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtyp
     quantization (kvflight.quant): "auto" loads a `kvflight quantize` checkpoint as it is quantized (float
     checkpoints stay float); a scheme name quantizes float weights while loading (online); "none" keeps floats.
     quantize_lm_head: "on" makes the LM head int8 (ParallelLMHead.quantize_int8_), "off" keeps it float, "auto"
-    follows the checkpoint's quantization_config (lm_head: int8_wo).
+    makes it int8 under int4 weights or when the checkpoint's quantization_config records lm_head: int8_wo.
     """
     from kvflight.quant.linear import quantized_linears
     from kvflight.quant.loading import (

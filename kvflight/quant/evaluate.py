@@ -99,8 +99,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                           "int8, fp8 (K/V written to a paged cache of that dtype and read back through it; scales "
                           "from the checkpoint, else online calibration), e.g. auto,int8,fp8")
     ppl.add_argument("--quantize-lm-head", default="auto",
-                     help="comma-separated LM head settings scored with every scheme: auto (as the checkpoint "
-                          "records), off (float head), on (int8 per output row), e.g. off,on")
+                     help="comma-separated LM head settings scored with every scheme: auto (int8 under int4 "
+                          "weights, else as the checkpoint records), off (float head), on (int8 per output row), "
+                          "e.g. off,on")
     ppl.add_argument("--max-seq-len", type=int, default=512, help="tokens per scored window")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ppl.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, ...")

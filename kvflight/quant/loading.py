@@ -12,12 +12,12 @@ import torch.nn as nn
 
 from kvflight.quant.linear import make_linear_method, quantize_linear_
 from kvflight.quant.schemes import (
-    AUTO_INT8_HEAD_SCHEMES,
     ONLINE_SCHEMES,
     QUANT_SCHEMES,
     QUANTIZATION_CHOICES,
     QuantConfig,
     QuantizationError,
+    lm_head_int8,
 )
 
 if TYPE_CHECKING:
@@ -74,18 +74,6 @@ def plan_quantization(requested: str, checkpoint: QuantConfig | None,
         logger.warning("quantization=int8_sq at load time has no SmoothQuant smoothing (that needs calibration "
                        "data); for its accuracy run `kvflight quantize MODEL --qformat int8_sq --output DIR`")
     return None, online
-
-
-def lm_head_int8(setting: str, config: QuantConfig | None) -> bool:
-    """Whether the LM head becomes int8: the quantize_lm_head setting (on / off), or with "auto" when the linears'
-    weights are 4-bit (int4_wo / int4_awq: the float head would be a fifth of a Llama-8B decode step's bytes, and
-    int8 costs ~0.2% perplexity against int4's few percent) or the model's quantization config records it (a
-    `kvflight quantize --quantize-lm-head` checkpoint)."""
-    if setting not in ("auto", "on", "off"):
-        raise QuantizationError(f"quantize_lm_head={setting!r}: expected auto, on or off")
-    if setting == "auto":
-        return config is not None and (config.lm_head == "int8_wo" or config.scheme in AUTO_INT8_HEAD_SCHEMES)
-    return setting == "on"
 
 
 def linear_layers(model: nn.Module) -> Iterable[tuple[str, "_ParallelLinear"]]:

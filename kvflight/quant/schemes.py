@@ -25,7 +25,7 @@ ONLINE_SCHEMES: tuple[str, ...] = ("fp8", "int8_wo", "int4_wo", "int8_sq")  # ne
 CALIBRATED_SCHEMES: tuple[str, ...] = ("int8_sq", "int4_awq")
 KV_CACHE_DTYPES: tuple[str, ...] = ("int8", "fp8")
 LM_HEAD_SCHEMES: tuple[str, ...] = ("none", "int8_wo")
-# quantize_lm_head "auto" makes the LM head int8 under these weight schemes (kvflight.quant.loading.lm_head_int8)
+# quantize_lm_head "auto" makes the LM head int8 under these weight schemes (lm_head_int8)
 AUTO_INT8_HEAD_SCHEMES: tuple[str, ...] = ("int4_wo", "int4_awq")
 QUANT_METHOD_NAME = "kvflight"  # quantization_config.quant_method of checkpoints we write
 FORMAT_VERSION = 1
@@ -138,3 +138,15 @@ def _alpha(value: object, where: str) -> float | None:
 def parse_alpha(text: str) -> float | None:
     """--smoothquant-alpha: a number in [0, 1], or 'auto' (None: searched per layer)."""
     return _alpha(text, "--smoothquant-alpha")
+
+
+def lm_head_int8(setting: str, config: QuantConfig | None) -> bool:
+    """Whether the LM head becomes int8: the quantize_lm_head setting (on / off), or with "auto" when the linears'
+    weights are 4-bit (int4_wo / int4_awq: the float head would be a fifth of a Llama-8B decode step's bytes, and
+    int8 costs ~0.2% perplexity against int4's few percent) or the model's quantization config records it (a
+    `kvflight quantize --quantize-lm-head` checkpoint)."""
+    if setting not in ("auto", "on", "off"):
+        raise QuantizationError(f"quantize_lm_head={setting!r}: expected auto, on or off")
+    if setting == "auto":
+        return config is not None and (config.lm_head == "int8_wo" or config.scheme in AUTO_INT8_HEAD_SCHEMES)
+    return setting == "on"

@@ -59,7 +59,7 @@ from typing import Any, Mapping, Sequence
 
 from kvflight.config import ConfigError, EngineConfig, add_cli_args, flat_from_args, load_yaml, parse_size
 from kvflight.model.arch import ModelArch
-from kvflight.quant.schemes import AUTO_INT8_HEAD_SCHEMES
+from kvflight.quant.schemes import QUANT_SCHEMES, QuantConfig, lm_head_int8
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -371,8 +371,9 @@ def _budget(arch: ModelArch, inputs: PlanInputs, max_seq_len: int, gpu_memory_by
     on_gpu = gpu_memory_bytes is not None
     act = _act_bytes(inputs, on_gpu)
     shard = shard_shape(arch, inputs.tensor_parallel_size)
-    int8_head = inputs.quantize_lm_head == "on" or (inputs.quantize_lm_head == "auto"
-                                                    and inputs.quantization in AUTO_INT8_HEAD_SCHEMES)
+    # the loader's rule, on the scheme `quantization` names (a checkpoint's own is not read here)
+    int8_head = lm_head_int8(inputs.quantize_lm_head,
+                             QuantConfig(inputs.quantization) if inputs.quantization in QUANT_SCHEMES else None)
     weights = (weights_bytes_per_gpu(arch, shard, act, inputs.quantization, int8_head)
                + rotary_cache_bytes(arch))
     t = min(inputs.max_num_tokens, max_seq_len * inputs.max_batch_size)
