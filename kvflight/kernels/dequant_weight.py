@@ -38,7 +38,7 @@ def _dequant8_kernel(
 
 @triton.jit
 def _dequant4_kernel(
-    qw_ptr,  # [N, K / 2] uint8: column 2j in the low nibble of byte j, 2j + 1 in the high nibble
+    qw_ptr,  # [N, K / 2] uint8 in reference.INT4_NIBBLE_COLUMNS order
     scales_ptr,  # [N, K / GROUP_SIZE]
     zeros_ptr,  # [N, K / GROUP_SIZE] uint8 (unused unless HAS_ZEROS; else zero point 8)
     out_ptr,  # [N, K]
@@ -63,10 +63,12 @@ def _dequant4_kernel(
         zero = tl.load(zeros_ptr + rn[:, None] * stride_zn + group[None, :], mask=mask, other=0).to(tl.float32)
     else:
         zero = tl.full((BLOCK_N, BLOCK_J), 8.0, dtype=tl.float32)
-    low = ((packed & 0x0F).to(tl.float32) - zero) * scale  # [BN, BJ] columns 2j
-    high = ((packed >> 4).to(tl.float32) - zero) * scale  # [BN, BJ] columns 2j + 1
-    # interleave into [BN, 2 * BJ] (column 2j then 2j + 1): one contiguous store per row instead of two strided
-    w = tl.reshape(tl.join(low, high), (BLOCK_N, 2 * BLOCK_J)).to(out_ptr.dtype.element_ty)
+    low = ((packed & 0x0F).to(tl.float32) - zero) * scale  # [BN, BJ] low nibbles
+    high = ((packed >> 4).to(tl.float32) - zero) * scale  # [BN, BJ] high nibbles
+    # into column order, [BN, 2 * BJ], for one contiguous store per row: byte b = 2 bh + bl of a word holds columns
+    # 4 bl + bh (low nibble) and 4 bl + 2 + bh (high nibble) (reference.INT4_NIBBLE_COLUMNS)
+    w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_J // 4, 2, 2, 2))  # [BN, word, bh, bl, nibble]
+    w = tl.reshape(tl.permute(w, (0, 1, 3, 4, 2)), (BLOCK_N, 2 * BLOCK_J)).to(out_ptr.dtype.element_ty)
     rk = tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J)  # [2 BJ] output columns
     out_mask = (rn[:, None] < N) & (rk[None, :] < K)
     tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], w, mask=out_mask)

@@ -265,14 +265,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- weight-only quantized matmuls (oracles for w8a16_matmul.py / w4a16_matmul.py) ------------------------------
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte along the input dim, low nibble first.
+# In-memory 4-bit layout (every int4 kernel and oracle; checkpoints keep the plain layout, ops.int4_to_file_layout):
+# each little-endian 32-bit word of a row holds 8 columns 8w .. 8w + 7, nibble p (bits 4p .. 4p + 3) being column
+# 8w + INT4_NIBBLE_COLUMNS[p]. So (word >> 4j) & 0x000F000F puts columns 8w + 2j, 8w + 2j + 1 in the two 16-bit
+# halves, matching the activation pair (x[8w + 2j], x[8w + 2j + 1]) as one 32-bit register holds it.
+INT4_NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)
+INT4_COLUMN_NIBBLES = (0, 4, 1, 5, 2, 6, 3, 7)  # the inverse: column 8w + c sits in nibble INT4_COLUMN_NIBBLES[c]
 
-    packed [N, K / 2] uint8 -> codes [N, K] uint8 in 0..15 (code of column 2j in the low nibble of byte j)
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the input dim, in the in-memory layout above.
+
+    packed [N, K / 2] uint8 -> codes [N, K] uint8 in 0..15
     """
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+    n = packed.shape[0]
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, -1, 8)  # [N, K / 8, 8] nibble order
+    return nibbles[..., list(INT4_COLUMN_NIBBLES)].reshape(n, -1)
 
 
 def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

@@ -6,16 +6,17 @@ Llama-8B linears. Here the multiply-adds go to the tensor cores: each warp runs 
 16 columns as A, the activations as B, float32 accumulators), and a word costs 3 shifts + 4 lop3 (its 8 codes as four
 16-bit pairs in the mantissa of MAGIC) + 1 mma, plus its share of per-group work.
 
-Work split (reference.w4a16_matmul layout: nibble i of 32-bit word w of a row = column 8w + i):
+Work split (reference.INT4_NIBBLE_COLUMNS layout: nibble i of 32-bit word w of a row = column
+8w + (0, 2, 4, 6, 1, 3, 5, 7)[i]):
 - A program owns BLOCK_N = 16 * R * num_warps rows and SPANS spans of SPAN = 32 * WPL columns of K (SPLIT_K programs
   per row block; the last to finish adds the partial sums: w8a16_matmul.split_k_store's scheme). Warp w owns R
   m-tiles of 16 rows. Lane (g = lane / 4, q = lane % 4) of an m-tile reads rows g and g + 8, WPL words each per span
   (words q * WPL .. q * WPL + WPL - 1 of the span: four lanes read a row's 16 * WPL contiguous bytes; WPL 4 = one
   16-byte load per row and span).
-- Word i of lane q feeds two mma: pair j (j = 0..3) = (code of column 8w + j, code of column 8w + j + 4) taken by
-  lop3((word >> 4j) & 0x000F000F | MAGIC) into the two 16-bit halves; mma 1 takes pairs 0 and 1 as the lane's
+- Word i of lane q feeds two mma: pair j (j = 0..3) = (code of column 8w + 2j, code of column 8w + 2j + 1) taken
+  by lop3((word >> 4j) & 0x000F000F | MAGIC) into the two 16-bit halves; mma 1 takes pairs 0 and 1 as the lane's
   k-slots (2q, 2q + 1) and (2q + 8, 2q + 9) of rows g and g + 8, mma 2 pairs 2 and 3. The B operand holds the same
-  columns' activations: (x[8w + j], x[8w + j + 4]) built from the loaded x pairs by one byte permute each; B column n
+  columns' activations: (x[8w + 2j], x[8w + 2j + 1]), the loaded x register j as it is (_B_PAIRS); B column n
   (lane group g) is activation row n (row 0 everywhere when M == 1). A k-slot means the same column in A and B, so
   the mma sums over 16 real columns; the column order inside the mma does not matter.
 - The codes enter as MAGIC + code (16-bit float, exact): the mma sums D = sum (MAGIC + c) x in float32, and the
@@ -52,8 +53,10 @@ MMA_GEMV_MAX_ROWS = 8  # B's 8 columns: one activation row each
 MAX_SPANS_PER_PROGRAM = 32  # a program's unrolled K range (code size and compile time)
 _MAGIC = {"bf16": (0x43004300, 128.0), "f16": (0x64006400, 1024.0)}  # MAGIC in both halves; its value (code 0)
 _ONE = {"bf16": 0x3F803F80, "f16": 0x3C003C00}  # 1.0 in both halves
-# x pairs (x[2m], x[2m + 1]) in registers xr[0..3] -> B pairs (x[j], x[j + 4]) for j = 0..3: byte permutes
-_B_PAIRS = ((0, 2, 0x5410), (0, 2, 0x7632), (1, 3, 0x5410), (1, 3, 0x7632))
+# x pairs (x[2m], x[2m + 1]) in registers xr[0..3] -> B pair j (the columns of A pair j: 2j, 2j + 1 in the
+# reference.INT4_NIBBLE_COLUMNS layout), as (register, register, byte-permute selector); 0x3210 is the first register
+# as it is (no instruction)
+_B_PAIRS = ((0, 0, 0x3210), (1, 1, 0x3210), (2, 2, 0x3210), (3, 3, 0x3210))
 
 
 class MmaGemvConfig(NamedTuple):
@@ -178,6 +181,9 @@ def _ptx(m_tiles: int, spans: int, wpl: int, group_size: int, m1: bool, has_zero
         bp = {}
         for i in range(wpl):  # B pairs of word i
             for j, (a, b, sel) in enumerate(_B_PAIRS):
+                if sel == 0x3210:
+                    bp[i, j] = f"x{t}_{i}_{a}"
+                    continue
                 bp[i, j] = reg("b32", f"b{t}_{i}_{j}")
                 out.append(f"prmt.b32 {bp[i, j]}, x{t}_{i}_{a}, x{t}_{i}_{b}, {sel:#06x};")
         # Sx: A = 1.0 (D1 columns 2q, 2q + 1 = Sx of activation rows 2q, 2q + 1)

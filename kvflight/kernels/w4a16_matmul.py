@@ -1,10 +1,11 @@
 """Triton W4A16 matmul: y = x W^T with W in 4-bit codes, group-wise scales and zero points, dequantized in the loop.
 
-A drop-in for reference.w4a16_matmul. Packing (reference.unpack_int4): byte j of a row holds the code of column 2j
-in its low nibble and of column 2j + 1 in its high nibble. Instead of interleaving nibbles inside the kernel, each
-K tile is split into its even and odd columns: the low nibbles multiply x's even columns, the high nibbles x's odd
-columns, two dots into one float32 accumulator. A K tile never straddles a quantization group (BLOCK_K divides
-group_size), so each tile has one scale and one zero per output channel, applied to the tile's partial sums.
+A drop-in for reference.w4a16_matmul. Packing (reference.INT4_NIBBLE_COLUMNS): byte j = 4w + b of a row holds the
+code of column 8w + (0, 4, 1, 5)[b] in its low nibble and of that column + 2 in its high nibble. Instead of
+reordering nibbles inside the kernel, x is read in the matching column order: the low nibbles multiply one gather
+of x's columns, the high nibbles another, two dots into one float32 accumulator. A K tile never straddles a
+quantization group (BLOCK_K divides group_size), so each tile has one scale and one zero per output channel,
+applied to the tile's partial sums.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ def _w4a16_matmul_kernel(
         j_mask = jj < K // 2
         x_rows = x_ptr + rm[:, None] * stride_xm
         xm = m_mask[:, None] & j_mask[None, :]
-        x_even = tl.load(x_rows + 2 * jj[None, :], mask=xm, other=0.0)  # [BM, BK / 2] columns 2j
-        x_odd = tl.load(x_rows + 2 * jj[None, :] + 1, mask=xm, other=0.0)  # [BM, BK / 2] columns 2j + 1
+        # byte j = 4w + b of a row holds column 8w + (0, 4, 1, 5)[b] in its low nibble and that + 2 in its high one
+        # (reference.INT4_NIBBLE_COLUMNS)
+        col_low = 8 * (jj // 4) + (jj & 1) * 4 + ((jj >> 1) & 1)  # [BK / 2]
+        x_even = tl.load(x_rows + col_low[None, :], mask=xm, other=0.0)  # [BM, BK / 2] the low nibbles' columns
+        x_odd = tl.load(x_rows + col_low[None, :] + 2, mask=xm, other=0.0)  # [BM, BK / 2] the high nibbles' columns
         packed = tl.load(qw_ptr + rn[None, :] * stride_qn + jj[:, None], mask=n_mask[None, :] & j_mask[:, None],
                          other=0)  # [BK / 2, BN] uint8
         group = tl.minimum(k0, K - 1) // GROUP_SIZE  # a split's tail past K reads the last group, times x = 0

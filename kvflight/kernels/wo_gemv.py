@@ -6,11 +6,12 @@ channels and a stretch of K, streams its [BLOCK_N, BLOCK_K] weight tiles once an
 cached) activation row on the CUDA cores into a float32 accumulator per lane that is summed over K once, after the
 loop: per weight an unpack, a convert and a few multiply-adds, no reduction inside the loop.
 
-4-bit (reference.w4a16_matmul layout: byte j of a row = code of column 2j in the low nibble, 2j + 1 in the high one):
-the rows are read as little-endian 32-bit words, nibble i of word w being column 8w + i.
+4-bit (reference.INT4_NIBBLE_COLUMNS layout): the rows are read as little-endian 32-bit words, nibble i of word w
+being column 8w + (0, 2, 4, 6, 1, 3, 5, 7)[i], so (word >> 4j) & 0x000F000F holds columns 8w + 2j, 8w + 2j + 1 as
+x's 32-bit register j holds their activations.
 - On a GPU with bf16 / fp16 activations (the decode path): each word (of one row, or of two rows sharing the
   activations: GemvConfig.rows2) goes through one PTX chain (_asm_word_chain) that
-  loads the word's 8 activations (16 bytes), builds two codes per register with a byte permute and a
+  loads the word's 8 activations (16 bytes), builds two codes per register with a shift and a
   lop3 into the mantissa of a 16-bit MAGIC (128.0 / 1024.0: MAGIC + code exactly), subtracts MAGIC + zero (exact)
   and multiply-adds with packed x2 arithmetic; the word's sum (two halves of 4 products each) joins a float32
   accumulator with the group's scale. A tile spans whole groups ([BLOCK_N, GT, WPG] words, one scale / zero per row
@@ -49,15 +50,15 @@ GEMV_MAX_ROWS = 1  # batch-1 decode; more rows go to the tensor-core kernels (or
 
 
 def _asm_word_chain(fma: str, magic: str, one: str, to_f32: list[str], regs: str = "", rows: int = 1) -> str:
-    """PTX for one 32-bit word of 8 codes in each of `rows` rows (reference layout: nibble i = column 8w + i), the
-    rows sharing the word's activations. Operands: outputs $0 .. $(rows - 1), the float32 bits of
+    """PTX for one 32-bit word of 8 codes in each of `rows` rows (reference.INT4_NIBBLE_COLUMNS layout), the rows
+    sharing the word's activations. Operands: outputs $0 .. $(rows - 1), the float32 bits of
     sum_i (code_i - zero) * x_i per row; then the rows' words, the address of x's 16 bytes for the word (columns
     8w .. 8w + 7: pair m = columns 8w + 2m, 8w + 2m + 1 in one register; a coherent load, not .nc: under PDL x is
     written by the kernel ahead while this one runs, and ptxas may hoist a non-coherent load above the wait), and
-    the rows' -(MAGIC + zero) in both halves. Pair m: the low nibbles of byte m of the word (column 2m) and of byte m
-    of the word >> 4 (column 2m + 1) move into the two halves by one byte permute, are or-ed into the mantissa of
-    MAGIC by one lop3, shifted by -(MAGIC + zero) (exact) and multiplied into a packed accumulator: 4 instructions
-    per 2 weights. The accumulator's two halves (4 products each) are added in float32 (to_f32: a -> $out)."""
+    the rows' -(MAGIC + zero) in both halves. Pair m: nibbles m and m + 4 of the word (columns 8w + 2m and
+    8w + 2m + 1) move into the two halves by one shift (none for m = 0), are or-ed into the mantissa of MAGIC by one
+    lop3, shifted by -(MAGIC + zero) (exact) and multiplied into a packed accumulator: at most 4 instructions per
+    2 weights. The accumulator's two halves (4 products each) are added in float32 (to_f32: a -> $out)."""
     word = [f"${rows + r}" for r in range(rows)]
     addr = f"${2 * rows}"
     negoff = [f"${2 * rows + 1 + r}" for r in range(rows)]
@@ -65,9 +66,10 @@ def _asm_word_chain(fma: str, magic: str, one: str, to_f32: list[str], regs: str
     lines = ["{", f".reg .b32 s, t, p, a, one, zero, x0, x1, x2, x3, {outs};", *([regs] if regs else []),
              f"ld.global.v4.b32 {{x0, x1, x2, x3}}, [{addr}];", f"mov.b32 one, {one};", "mov.b32 zero, 0;"]
     for r in range(rows):
-        lines.append(f"shr.u32 s, {word[r]}, 4;")
         for m in range(4):
-            lines += [f"prmt.b32 t, {word[r]}, s, {0x0400 + 0x0101 * m:#06x};",
+            # pair m: nibbles m and m + 4 = columns 8w + 2m, 8w + 2m + 1 (reference.INT4_NIBBLE_COLUMNS), the halves
+            # of x register m
+            lines += [f"shr.u32 t, {word[r]}, {4 * m};" if m else f"mov.b32 t, {word[r]};",
                       f"lop3.b32 p, t, 0x000F000F, {magic}, 0xEA;",
                       f"fma.rn.{fma} p, p, one, {negoff[r]};",
                       f"fma.rn.{fma} a, p, x{m}, {'zero' if m == 0 else 'a'};"]
@@ -219,13 +221,13 @@ def _wo_gemv_kernel(
                         lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair],
                                                            dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
                                                            is_pure=True, pack=1)
-                        x_lo = tl.load(x_ptr + 8 * ww + j)  # [BK / 8] columns 8w + j
-                        x_hi = tl.load(x_ptr + 8 * ww + j + 4)  # columns 8w + j + 4
+                        x_lo = tl.load(x_ptr + 8 * ww + 2 * j)  # [BK / 8] nibble j: columns 8w + 2j
+                        x_hi = tl.load(x_ptr + 8 * ww + 2 * j + 1)  # nibble j + 4: columns 8w + 2j + 1
                         part_h += (lo - offset_h[:, None]) * x_lo[None, :]
                         part_h += (hi - offset_h[:, None]) * x_hi[None, :]
                 else:
                     for i in tl.static_range(8):
-                        x_i = tl.load(x_ptr + 8 * ww + i)  # [BK / 8] columns 8w + i, 16-bit
+                        x_i = tl.load(x_ptr + 8 * ww + (i % 4) * 2 + i // 4)  # [BK / 8] nibble i's columns
                         bits = (((words >> (4 * i)) & 0x0F) | MAGIC_BITS).to(tl.int16)
                         part_h += (bits.to(x_ptr.dtype.element_ty, bitcast=True) - offset_h[:, None]) * x_i[None, :]
                 part = part_h.to(tl.float32)
@@ -233,7 +235,7 @@ def _wo_gemv_kernel(
                 offset = zero + 8388608.0  # [BN] 2^23 + zero point
                 part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
                 for i in tl.static_range(8):
-                    x_i = tl.load(x_ptr + 8 * ww + i).to(tl.float32)  # [BK / 8] columns 8w + i
+                    x_i = tl.load(x_ptr + 8 * ww + (i % 4) * 2 + i // 4).to(tl.float32)  # [BK / 8] nibble i
                     # code -> float without an int-to-float convert (quarter rate): the code in the low mantissa
                     # bits of 2^23 is exactly 2^23 + code; subtracting 2^23 + zero leaves code - zero exactly
                     bits = ((words >> (4 * i)) & 0x0F) | 0x4B000000
@@ -289,7 +291,9 @@ def choose_gemv_config(M: int, N: int, K: int, bits: int, group_size: int = 128,
     The 4-bit long-K launch (down) comes from a sweep inside the int4_awq batch-1 decode graph instead
     (benchmarks/decode_breakdown_gpu.py --gemv-sweep: each launch timed by the whole step's replay, H100): 16 rows
     per program, 1024-column tiles, two K splits took the step from 2.965 to 2.807 ms (64 rows, 256-column tiles,
-    8 splits before); the same sweep kept the other three linears' launches."""
+    8 splits before); the same sweep kept the other three linears' launches. One chain per two words (two words
+    loaded as 8 bytes, 16 products per packed sum) lost at every launch of that sweep (gate_up 32/256/2 split: step
+    2.693 -> 3.512 ms, down 16/1024/8: 2.668 -> 2.895), so the chain stays one word per row."""
     if bits == 4 and asm:  # tiles of one or more whole groups, one row per chain (see below)
         wide = 2 * group_size
         if N >= 16384:

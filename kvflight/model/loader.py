@@ -303,6 +303,7 @@ def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtyp
     from kvflight.quant.loading import (
         check_quantized_load,
         checkpoint_quant_config,
+        linear_layers,
         lm_head_int8,
         plan_quantization,
         quantize_model_,
@@ -326,6 +327,8 @@ def load_model(resolved: ResolvedModel, arch: ModelArch, dtype: str | torch.dtyp
         else:
             filled = model.load_weights(safetensors_weights(resolved.path or ""), strict=False)
             check_quantized_load(model, filled, arch.tie_word_embeddings)
+            for _, layer in linear_layers(model):
+                layer.quant_method.after_checkpoint_load(layer)
     elif resolved.format == "dummy":
         model = model_class(arch, dtype, device)
         init_dummy_weights(model, seed)

@@ -71,6 +71,9 @@ class LinearMethod:
     def apply(self, layer: "_ParallelLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)  # x [T, K] -> [T, N]
 
+    def after_checkpoint_load(self, layer: "_ParallelLinear") -> None:
+        """Turn tensors loaded as a checkpoint stores them into the in-memory layout (nothing for most schemes)."""
+
     def dequantized_weight(self, layer: "_ParallelLinear") -> torch.Tensor:
         """The float32 weight [N, K] this layer computes with (tests, calibration, debugging)."""
         return layer.weight.float()
@@ -135,6 +138,9 @@ class Int4WeightOnlyMethod(LinearMethod):
         layer.register_weight("scales", (out_features, groups), torch.float16)
         if self.zero_point:
             layer.register_weight("qzeros", (out_features, groups), torch.uint8)
+
+    def after_checkpoint_load(self, layer):
+        layer.qweight.data = ops.int4_from_file_layout(layer.qweight.data)  # plain nibble order -> in-memory
 
     def quantize_weight(self, weight):
         q, scales, zeros = ops.quantize_int4_groupwise(weight, self.group_size, self.zero_point)

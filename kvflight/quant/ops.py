@@ -4,7 +4,7 @@ Plain torch, any device. Every quantizer returns the tensors a checkpoint stores
 float32 weight they stand for, so `dequantize(quantize(w))` is the round trip the tests bound. Layouts (the same as
 the Triton kernels and kernels/reference.py read):
     int8 per channel   qweight [N, K] int8, scale [N] float32                 W = q * scale[:, None]
-    int4 group-wise    qweight [N, K / 2] uint8 (two codes per byte, low nibble = even column),
+    int4 group-wise    qweight [N, K / 2] uint8 (two codes per byte, nibbles in reference.INT4_NIBBLE_COLUMNS order),
                        scales [N, K / G] float16, zeros [N, K / G] uint8 or None (symmetric: zero point 8)
                                                                               W = (code - zero) * scale (per group)
     float8 e4m3        qweight [N, K] float8_e4m3fn, scale [N] float32        W = q * scale[:, None]
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflight.kernels.reference import round_half_away, unpack_int4
+from kvflight.kernels.reference import INT4_NIBBLE_COLUMNS, round_half_away, unpack_int4
 
 INT8_MAX = 127
 FP8_DTYPE = torch.float8_e4m3fn
@@ -73,11 +73,26 @@ def dequantize_fp8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 # ---- int4 group-wise ------------------------------------------------------------------------------------------
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] integers in 0..15 -> [N, K / 2] uint8 (column 2j in the low nibble of byte j)."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"pack_int4: K={codes.shape[-1]} must be even")
-    c = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2)  # [N, K / 2, 2]
+    """codes [N, K] integers in 0..15 -> [N, K / 2] uint8 in the in-memory layout (reference.INT4_NIBBLE_COLUMNS:
+    nibble p of each 32-bit word is column 8w + INT4_NIBBLE_COLUMNS[p])."""
+    if codes.shape[-1] % 8:
+        raise ValueError(f"pack_int4: K={codes.shape[-1]} must be a multiple of 8")
+    n = codes.shape[0]
+    nibbles = codes.to(torch.uint8).reshape(n, -1, 8)[..., list(INT4_NIBBLE_COLUMNS)]  # [N, K / 8, 8] nibble order
+    c = nibbles.reshape(n, -1, 2)  # [N, K / 2, 2]: (low, high) nibble of each byte
     return c[..., 0] | (c[..., 1] << 4)
+
+
+def int4_to_file_layout(packed: torch.Tensor) -> torch.Tensor:
+    """In-memory qweight [N, K / 2] uint8 -> the checkpoint layout: column 2j in the low nibble of byte j."""
+    c = unpack_int4(packed).reshape(packed.shape[0], -1, 2)  # [N, K / 2, 2] columns 2j, 2j + 1
+    return c[..., 0] | (c[..., 1] << 4)
+
+
+def int4_from_file_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Checkpoint qweight [N, K / 2] uint8 (column 2j in the low nibble of byte j) -> the in-memory layout."""
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)  # [N, K]
+    return pack_int4(codes)
 
 
 def _int4_codes(weight: torch.Tensor, group_size: int, zero_point: bool,

@@ -123,7 +123,7 @@ def test_fragment_mapping_replay_matches_reference(act, M, group, zeros, wpl, sp
 
 
 def test_replay_catches_a_wrong_pairing() -> None:
-    """The replay is sensitive to the permutes: swapping the B pairs' selectors breaks it."""
+    """The replay is sensitive to the B pairing: swapping two B pairs breaks it."""
     N, K, group = 32, 128, 128
     qweight, scales, zp = _quantized(N, K, group, True)
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)

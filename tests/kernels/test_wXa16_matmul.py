@@ -80,9 +80,95 @@ def test_w4a16_float16_activations(device: str) -> None:
 
 
 def test_reference_unpack_layout() -> None:
-    """Byte j holds column 2j in its low nibble and 2j + 1 in its high nibble."""
-    packed = torch.tensor([[0x21, 0xF0]], dtype=torch.uint8)
-    assert reference.unpack_int4(packed).tolist() == [[1, 2, 0, 15]]
+    """Nibble p of each little-endian 32-bit word holds column 8w + (0, 2, 4, 6, 1, 3, 5, 7)[p]: (word >> 4j) &
+    0x000F000F is the column pair (2j, 2j + 1) of an activation register."""
+    word = 0x76543210  # nibble p = p
+    packed = torch.tensor([[word >> (8 * b) & 0xFF for b in range(4)]], dtype=torch.uint8)
+    assert reference.unpack_int4(packed).tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]]
+
+
+def _bf16_bits(values: list[float]) -> list[int]:
+    return torch.tensor(values, dtype=torch.float64).to(torch.bfloat16).view(torch.int16).to(torch.int32).bitwise_and(
+        0xFFFF).tolist()
+
+
+def _bf16x2(reg: int) -> list[float]:
+    halves = torch.tensor([reg & 0xFFFF, reg >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return halves.double().tolist()
+
+
+def _run_word_chain(ptx: str, word: int, xbits: list[int], negoff: int) -> float:
+    """Execute the 4-bit GEMV's PTX word chain (one row) instruction by instruction: each packed bf16x2 fma is exact
+    then rounded once to bf16, as the hardware does."""
+    regs = {"$1": word, "$3": negoff}
+
+    def val(op: str) -> int:
+        return regs[op] if op in regs else int(op, 0)
+
+    for line in ptx.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, _, rest = line.partition(" ")
+        if op == "ld.global.v4.b32":
+            for m in range(4):
+                regs[f"x{m}"] = xbits[2 * m] | (xbits[2 * m + 1] << 16)
+            continue
+        args = [a.strip() for a in rest.split(",")]
+        dst = args[0]
+        if op == "mov.b32":
+            regs[dst] = val(args[1])
+        elif op == "shr.u32":
+            regs[dst] = val(args[1]) >> val(args[2])
+        elif op == "shl.b32":
+            regs[dst] = (val(args[1]) << val(args[2])) & 0xFFFFFFFF
+        elif op == "and.b32":
+            regs[dst] = val(args[1]) & val(args[2])
+        elif op == "prmt.b32":  # default mode: byte i of the result = byte sel_i & 7 of {b, a}
+            src = [(val(args[1]) >> (8 * i)) & 0xFF for i in range(4)] + [(val(args[2]) >> (8 * i)) & 0xFF
+                                                                         for i in range(4)]
+            sel = val(args[3])
+            regs[dst] = sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+        elif op == "lop3.b32":
+            assert val(args[4]) == 0xEA  # (a & b) | c
+            regs[dst] = (val(args[1]) & val(args[2])) | val(args[3])
+        elif op == "fma.rn.bf16x2":
+            a, b, c = (_bf16x2(val(r)) for r in args[1:])
+            out = _bf16_bits([a[h] * b[h] + c[h] for h in range(2)])
+            regs[dst] = out[0] | (out[1] << 16)
+        elif op == "add.f32":
+            f = torch.tensor([val(args[1]), val(args[2])], dtype=torch.int64).to(torch.int32).view(torch.float32)
+            regs[dst] = int(torch.tensor([float(f[0]) + float(f[1])], dtype=torch.float32).view(torch.int32)[0]) \
+                & 0xFFFFFFFF
+        else:
+            raise AssertionError(f"unhandled PTX in the word chain: {line}")
+    return float(torch.tensor([regs["$0"]], dtype=torch.int64).to(torch.int32).view(torch.float32)[0])
+
+
+def test_gemv_word_chain_pairs_columns_as_the_layout_packs_them() -> None:
+    """The GPU GEMV's PTX word chain, executed on the CPU: for words packed by ops.pack_int4 it returns
+    sum_c (code_c - zero) * x_c over the word's 8 columns (bf16 rounding of its packed sums aside); any other pairing
+    of codes with activations lands far from it."""
+    from kvflight.kernels.wo_gemv import _ASM_BF16
+    from kvflight.quant.ops import pack_int4
+
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        codes = torch.randint(0, 16, (1, 8), generator=gen)
+        zero = int(torch.randint(0, 16, (1,), generator=gen))
+        x = (torch.randn(8, generator=gen) * 2).to(torch.bfloat16)
+        word = int(pack_int4(codes).view(torch.int32)[0, 0]) & 0xFFFFFFFF
+        negoff = ((zero | 0xC300) * 65537) & 0xFFFFFFFF  # -(128 + zero) in both bf16 halves
+        got = _run_word_chain(_ASM_BF16.value, word, x.view(torch.int16).to(torch.int32).bitwise_and(0xFFFF).tolist(),
+                              negoff)
+        terms = (codes[0].double() - zero) * x.double()
+        want = float(terms.sum())
+        scale = float(terms.abs().sum()) + 1e-6
+        assert abs(got - want) <= 0.02 * scale, (got, want)
+        # a pairing off by one column pair (the old layout's order, or a swapped pair) is caught
+        wrong = float(((codes[0, [0, 4, 1, 5, 2, 6, 3, 7]].double() - zero) * x.double()).sum())
+        if abs(wrong - want) > 0.2 * scale:
+            assert abs(got - wrong) > 0.1 * scale
 
 
 def test_bad_shapes_are_clear_errors() -> None:

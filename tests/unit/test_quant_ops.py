@@ -83,6 +83,10 @@ def test_pack_unpack_int4() -> None:
     packed = ops.pack_int4(codes)
     assert packed.shape == (5, 32)
     assert torch.equal(reference.unpack_int4(packed), codes)
+    # checkpoints keep the plain order (column 2j in the low nibble of byte j), converted at the file boundary
+    plain = ops.int4_to_file_layout(packed)
+    assert torch.equal(torch.stack([plain & 0x0F, plain >> 4], dim=-1).reshape(5, 64), codes)
+    assert torch.equal(ops.int4_from_file_layout(plain), packed)
 
 
 def test_effective_group_size() -> None:
