@@ -310,8 +310,8 @@ def add_cli_args(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tu
                 flags.append("--" + f.name)
             tp = _field_type(_SECTIONS[sec], f.name)
             is_bool = tp is bool
-            kwargs: dict[str, Any] = {"dest": f.name, "default": None,
-                                      "help": f"{f.metadata['help']} (default: {f.default})"}
+            text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help with %
+            kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
             if is_bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:

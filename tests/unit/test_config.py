@@ -90,3 +90,25 @@ def test_sampling_params_validation(kwargs, field):
 def test_sampling_params_normalisation():
     sp = SamplingParams(stop="END", top_k=-1)
     assert sp.stop == ["END"] and sp.top_k == 0
+
+
+def _subparsers(parser):
+    """Every parser under `parser` (itself included), with its command words."""
+    yield (), parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                for words, p in _subparsers(sub):
+                    yield (name, *words), p
+
+
+def test_every_command_help_renders():
+    """`kvflight ... --help` for every command: argparse %-formats help text, so a bare % in a setting's help
+    (e.g. "perplexity +0.2%") made `kvflight serve --help` raise instead of printing."""
+    from kvflight.server.cli import build_parser
+
+    seen = {}
+    for words, parser in _subparsers(build_parser()):
+        seen[words] = parser.format_help()
+    assert {("serve",), ("generate",), ("bench", "serve"), ("bench", "latency"), ("plan",), ("tune",)} <= set(seen)
+    assert "perplexity +0.2%." in seen[("serve",)] and "--quantize-lm-head" in seen[("bench", "serve")]
