@@ -6,6 +6,8 @@
 #      111 ms, TPOT p99 15.3 ms);
 #   2. the same server at saturation (rate inf), then the in-process engine on the same requests: throughput ratio.
 #   benchmarks/serve_gpu.sh [NUM_AT_16] [NUM_SATURATED]
+# RESULT=FILE keeps the 16 req/s run's per-request records; with KVFLIGHT_REQUEST_TRACE=TRACE set for the server,
+# `python benchmarks/ttft_split.py TRACE FILE` splits each request's TTFT into client and server stages.
 set -u
 N16=${1:-640}
 NSAT=${2:-500}
@@ -30,7 +32,8 @@ for _ in range(600):
 PY
 echo "== kvflight serve, 16 req/s, $N16 x 1024/128 =="
 cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $N16 \
-  --request-rate 16 --disable-progress --warm-up 8 --seed 1 --extra-body "$SHOW_SPECIAL"
+  --request-rate 16 --disable-progress --warm-up 8 --seed 1 --extra-body "$SHOW_SPECIAL" \
+  ${RESULT:+--result-json $RESULT --save-detailed}
 [ "$NSAT" = 0 ] && { kill -TERM $SERVER; wait $SERVER; exit 0; }
 echo "== kvflight serve, saturated, $NSAT x 1024/128 =="
 cli bench serve --backend openai-completions --base-url http://127.0.0.1:$PORT $DATA --num-requests $NSAT \
