@@ -103,6 +103,11 @@ def main() -> int:
               + " ".join(f"{t:.1f}" for t in times))
         if phases is not None:
             print("         host phases (median ms): " + phases.summary())
+            mem = torch.cuda.memory_stats()
+            print(f"         allocator since start: {mem.get('num_alloc_retries', 0)} retries (free-all + sync), "
+                  f"{mem.get('num_device_alloc', 0)} cudaMalloc, {mem.get('num_device_free', 0)} cudaFree; "
+                  f"reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB, free on device "
+                  f"{torch.cuda.mem_get_info()[0] / 2**30:.2f} GiB")
     for mix, prof in profiles:
         rows = [r for r in kernel_rows(prof, 1) if not r[0].startswith("phase:")]
         busy = sum(r[2] for r in rows)
