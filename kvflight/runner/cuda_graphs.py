@@ -51,6 +51,7 @@ class DecodeGraphs:
         self._logits: torch.Tensor | None = None  # [max_size, vocab] float32: every graph writes its rows here
         self.pool_bytes = 0
         self.capture_seconds = 0.0
+        self.pool = None  # the memory pool the graphs were captured in (mixed-step graphs share it)
 
     @property
     def max_size(self) -> int:
@@ -71,7 +72,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         logits_buffer: list[torch.Tensor] = []
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.pool = torch.cuda.graph_pool_handle()
         stream = _capture_stream(self.device)
         # largest first: later (smaller) graphs reuse the pool's blocks
         for size in sorted(self.sizes, reverse=True):
@@ -102,3 +103,66 @@ class DecodeGraphs:
         self._graphs[(size, splits)].replay()
         assert self._logits is not None
         return self._logits[:size]
+
+
+def mixed_token_buckets(max_tokens: int, step: int = 128) -> list[int]:
+    """Padded token counts of the mixed-step graphs: 16, 32, 64, then multiples of `step` up to max_tokens
+    (always included)."""
+    sizes = [s for s in (16, 32, 64) if s < max_tokens]
+    sizes += list(range(step, max_tokens + 1, step))
+    if max_tokens not in sizes:
+        sizes.append(max_tokens)
+    return sorted(set(sizes))
+
+
+class MixedGraphs:
+    """CUDA graphs of steps that carry prompt tokens (prefills, chunks, mixed with decodes): one per padded token
+    count, every graph over max_num_seqs sequences (padding ones have query_len 0), so a step costs one replay
+    instead of a few hundred kernel launches from Python. The graph ends at the final norm's hidden states
+    [padded_tokens, hidden]; the rows to sample are picked and projected to logits after it (their number varies)."""
+
+    def __init__(self, buckets: list[int], device: torch.device) -> None:
+        self.buckets = sorted(buckets)
+        self.device = device
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._hidden: torch.Tensor | None = None  # [max bucket, hidden]: every graph writes its rows here
+        self.pool_bytes = 0
+        self.capture_seconds = 0.0
+
+    def padded_tokens(self, num_tokens: int) -> int | None:
+        for size in self.buckets:
+            if size >= num_tokens:
+                return size
+        return None
+
+    def capture(self, prepare: Callable[[int], None], run_forward: Callable[[int], torch.Tensor],
+                pool=None) -> None:
+        """prepare(tokens) fills the persistent inputs for a step of that many padded tokens; run_forward(tokens)
+        returns the hidden states [tokens, hidden] (called once eagerly, once under capture)."""
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
+        stream = _capture_stream(self.device)
+        for size in sorted(self.buckets, reverse=True):  # largest first: the smaller ones reuse its blocks
+            prepare(size)
+            hidden = run_forward(size)
+            if self._hidden is None:
+                self._hidden = torch.empty((self.buckets[-1], hidden.shape[1]), dtype=hidden.dtype,
+                                           device=self.device)
+            del hidden
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._hidden[:size].copy_(run_forward(size))
+            self._graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("captured %d mixed-step CUDA graphs (%d..%d tokens) in %.1f s, %.2f GiB", len(self._graphs),
+                    self.buckets[0], self.buckets[-1], self.capture_seconds, self.pool_bytes / 2**30)
+
+    def replay(self, size: int) -> torch.Tensor:
+        """Replay the graph of `size` padded tokens; its hidden states [size, hidden] (valid until the next one)."""
+        self._graphs[size].replay()
+        assert self._hidden is not None
+        return self._hidden[:size]

@@ -77,12 +77,14 @@ class InputBuffers:
 
     def prepare(self, starts: list[int], num_new: list[int], tables: list[list[int]], do_sample: list[bool],
                 token_ids: list[list[int]], pad_num_seqs: int | None = None,
-                pending: tuple[list[int], list[int], torch.Tensor] | None = None) -> StepInputs:
+                pending: tuple[list[int], list[int], torch.Tensor] | None = None,
+                pad_num_tokens: int | None = None) -> StepInputs:
         """Fill the host staging for one step, copy it to the device, return device views.
 
         starts[i]: tokens of sequence i already in the cache; num_new[i]: its new tokens token_ids[i];
         tables[i]: its whole block table. pad_num_seqs: pad to this many one-token sequences (a CUDA graph
-        batch); padding rows have query_len 0 and seq_len 0 and their tokens' slots are -1.
+        batch); padding rows have query_len 0 and seq_len 0 and their tokens' slots are -1. pad_num_tokens: pad the
+        tokens to this many instead (a mixed-step graph: padding tokens belong to no sequence).
         pending = (token_indices, source_rows, sampled): input token token_indices[j] (a placeholder in token_ids)
         is sampled[source_rows[j]], a device tensor of the previous step's sampled ids ([rows] int64).
         """
@@ -98,7 +100,12 @@ class InputBuffers:
         np.cumsum(query_lens, out=qsl[1:])
         total = int(qsl[-1])
         padded_tokens = total if pad_num_seqs is None else pad_num_seqs
+        if pad_num_tokens is not None:
+            padded_tokens = pad_num_tokens
         padded_seqs = num_seqs if pad_num_seqs is None else pad_num_seqs
+        if padded_tokens < total or padded_seqs < num_seqs:
+            raise ValueError(f"padding to {padded_tokens} tokens / {padded_seqs} sequences: the step has {total} / "
+                             f"{num_seqs}")
         if padded_tokens > self.max_num_tokens:
             raise ValueError(f"{padded_tokens} tokens exceed the input buffers' max_num_tokens={self.max_num_tokens}")
         seq_lens = np.asarray(starts, dtype=np.int64) + query_lens  # [S]

@@ -14,7 +14,7 @@ from kvflight.kernels.device import num_sms
 from kvflight.model.arch import ModelArch
 from kvflight.model.attention import AttentionMetadata
 from kvflight.model.loader import ResolvedModel, load_model, resolve_device, resolve_dtype
-from kvflight.runner.cuda_graphs import DecodeGraphs, capture_sizes
+from kvflight.runner.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_token_buckets
 from kvflight.runner.input_buffers import InputBuffers, StepInputs
 from kvflight.runner.kv_offload import KVOffloader
 from kvflight.runner.sampler import Sampler, logprobs_table, token_logprobs_from_table
@@ -116,6 +116,12 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if graph_max:
             self.graphs = DecodeGraphs(capture_sizes(graph_max), self.device, self._graph_split_options)
+        # steps carrying prompt tokens replay a graph per padded token count up to KVFLIGHT_MIXED_GRAPH_TOKENS
+        # (experimental; 0 = eager launches)
+        self.mixed_graphs: MixedGraphs | None = None
+        mixed_max = min(int(os.environ.get("KVFLIGHT_MIXED_GRAPH_TOKENS", "0")), sched.max_num_tokens)
+        if graph_max and mixed_max > 0:
+            self.mixed_graphs = MixedGraphs(mixed_token_buckets(mixed_max), self.device)
         self.buffers = InputBuffers(max(sched.max_num_tokens, graph_max), sched.max_batch_size,
                                     math.ceil(max_seq_len / self.tokens_per_block), self.tokens_per_block,
                                     self.device)
@@ -236,6 +242,8 @@ class ModelRunner:
             self._warm_up_kernels()
         if self.graphs is not None:
             self._capture_graphs()
+        if self.mixed_graphs is not None:
+            self._capture_mixed_graphs()
 
     @torch.inference_mode()
     def _warm_up_kernels(self) -> None:
@@ -303,6 +311,27 @@ class ModelRunner:
 
         self.graphs.capture(prepare, run_forward)
 
+    @torch.inference_mode()
+    def _capture_mixed_graphs(self) -> None:
+        assert self.mixed_graphs is not None
+        prepared: dict[int, StepInputs] = {}
+        max_seqs = self.buffers.max_num_seqs
+
+        def prepare(tokens: int) -> None:
+            # every sequence and token padding (nothing read or written in the cache): each replay's step fills
+            # every input first
+            prepared[tokens] = self.buffers.prepare([], [], [], [], [], pad_num_seqs=max_seqs, pad_num_tokens=tokens)
+
+        def run_forward(tokens: int) -> torch.Tensor:
+            inputs = prepared[tokens]
+            # max_query_len: any bound >= every sequence's new tokens is valid; the padded count keeps one
+            # attention launch shape per graph whatever the step holds
+            meta = self._metadata(inputs, max_query_len=tokens, num_splits=1)
+            return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # [tokens, hidden]
+
+        self.mixed_graphs.capture(prepare, run_forward, pool=self.graphs.pool if self.graphs is not None else None)
+        torch.cuda.empty_cache()  # the eager warm-ups' blocks
+
     # ---- one step: inputs ---------------------------------------------------------------------------------
 
     def _metadata(self, inputs: StepInputs, max_query_len: int, num_splits: int) -> AttentionMetadata:
@@ -335,10 +364,14 @@ class ModelRunner:
         num_new = [s.num_new_tokens for s in sched]
         decode_only = out.num_scheduled_tokens == num_seqs
         graph_size = self.graphs.padded_size(num_seqs) if decode_only and self.graphs is not None else None
+        mixed_size = None
+        if not decode_only and self.mixed_graphs is not None:
+            mixed_size = self.mixed_graphs.padded_tokens(out.num_scheduled_tokens)
         token_ids, pending = self._input_token_ids(sched)
         inputs = self.buffers.prepare([s.start_pos for s in sched], num_new, [s.block_ids for s in sched],
-                                      [s.do_sample for s in sched], token_ids, pad_num_seqs=graph_size,
-                                      pending=pending)
+                                      [s.do_sample for s in sched], token_ids,
+                                      pad_num_seqs=self.buffers.max_num_seqs if mixed_size else graph_size,
+                                      pending=pending, pad_num_tokens=mixed_size)
         rows = [s.request for s in sched if s.do_sample]
         if graph_size is not None:
             want_split = self._num_splits(graph_size, 1, int(inputs.seq_lens_host.max())) > 1
@@ -346,6 +379,12 @@ class ModelRunner:
             if not rows:
                 return self._launched_without_samples()
             logits = logits[:num_seqs] if len(rows) == num_seqs else logits.index_select(0, inputs.logits_indices)
+        elif mixed_size is not None:
+            assert self.mixed_graphs is not None
+            hidden = self.mixed_graphs.replay(mixed_size)  # [mixed_size, hidden]
+            if not rows:
+                return self._launched_without_samples()
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # [samples, vocab]
         else:
             max_query_len = max(num_new)
             meta = self._metadata(inputs, max_query_len, self._num_splits(num_seqs, max_query_len,

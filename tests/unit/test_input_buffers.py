@@ -7,7 +7,7 @@ import torch
 
 from kvflight.config import ConfigError
 from kvflight.model.attention import AttentionMetadata, positions_for
-from kvflight.runner.cuda_graphs import capture_sizes
+from kvflight.runner.cuda_graphs import capture_sizes, mixed_token_buckets
 from kvflight.runner.input_buffers import InputBuffers
 from kvflight.runner.model_runner import resolve_kernel_backend
 
@@ -48,6 +48,32 @@ def test_decode_only_fast_path_and_graph_padding() -> None:
     assert inputs.query_start_loc.tolist() == [0, 1, 2, 2, 2]
     assert inputs.seq_lens.tolist() == [5, 8, 0, 0]
     assert inputs.block_tables.shape == (4, 6)
+
+
+def test_mixed_graph_padding() -> None:
+    """A mixed-step graph pads tokens and sequences apart: padding tokens belong to no sequence (slot -1, not
+    written), padding sequences have no tokens (query_len 0), and the real rows equal the unpadded step's."""
+    buf = _buffers()
+    args = ([5, 0], [1, 6], [[3, 1], [0, 5]], [True, True], [[11], [1, 2, 3, 4, 5, 6]])
+    plain = buf.prepare(*args)
+    want = [t.tolist() for t in (plain.input_ids, plain.positions, plain.slot_mapping, plain.query_start_loc,
+                                 plain.seq_lens, plain.logits_indices)]
+    got = buf.prepare(*args, pad_num_seqs=5, pad_num_tokens=16)
+    assert got.input_ids.shape == (16,) and got.query_start_loc.shape == (6,) and got.seq_lens.shape == (5,)
+    assert got.input_ids[:7].tolist() == want[0] and got.positions[:7].tolist() == want[1]
+    assert got.slot_mapping.tolist() == want[2] + [-1] * 9
+    assert got.query_start_loc.tolist() == want[3] + [7] * 3
+    assert got.seq_lens.tolist() == want[4] + [0] * 3
+    assert got.logits_indices.tolist() == want[5] == [0, 6]
+    empty = buf.prepare([], [], [], [], [], pad_num_seqs=8, pad_num_tokens=32)  # a graph's capture inputs
+    assert set(empty.slot_mapping.tolist()) == {-1} and set(empty.query_start_loc.tolist()) == {0}
+    with pytest.raises(ValueError, match="padding to 4 tokens"):
+        buf.prepare(*args, pad_num_seqs=5, pad_num_tokens=4)
+
+
+def test_mixed_token_buckets() -> None:
+    assert mixed_token_buckets(300) == [16, 32, 64, 128, 256, 300]
+    assert mixed_token_buckets(512) == [16, 32, 64, 128, 256, 384, 512]
 
 
 def test_stale_rows_from_a_longer_step_do_not_leak_into_slots() -> None:
