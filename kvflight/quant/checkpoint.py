@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvflight.quant.loading import linear_layers
-from kvflight.quant.ops import int4_to_file_layout
 from kvflight.quant.schemes import QuantConfig, QuantizationError
 
 if TYPE_CHECKING:
@@ -69,12 +68,12 @@ def _hf_tensors(model: "LlamaForCausalLM", float_dtype: torch.dtype) -> dict[str
     for name, param in model.named_parameters():  # tied lm_head appears once, as the embedding
         owner, _, leaf = name.rpartition(".")
         tensor = param.detach().to("cpu")
-        if leaf == "qweight" and tensor.dtype == torch.uint8:
-            tensor = int4_to_file_layout(tensor)  # checkpoints keep the plain nibble order (column 2j low)
+        layer = linears.get(owner)
+        if layer is not None:
+            tensor = layer.quant_method.checkpoint_tensor(leaf, tensor)  # as a checkpoint stores it
         is_quantized = tensor.dtype not in _DTYPE_NAMES or leaf in ("weight_scale", "scales")
         if not is_quantized:
             tensor = tensor.to(float_dtype)
-        layer = linears.get(owner)
         parent, _, module = owner.rpartition(".")
         if layer is not None and module in fused:
             parts = tensor.split(layer.output_partition_sizes, dim=0)

@@ -74,6 +74,10 @@ class LinearMethod:
     def after_checkpoint_load(self, layer: "_ParallelLinear") -> None:
         """Turn tensors loaded as a checkpoint stores them into the in-memory layout (nothing for most schemes)."""
 
+    def checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of after_checkpoint_load for one tensor: as a checkpoint stores it."""
+        return tensor
+
     def dequantized_weight(self, layer: "_ParallelLinear") -> torch.Tensor:
         """The float32 weight [N, K] this layer computes with (tests, calibration, debugging)."""
         return layer.weight.float()
@@ -141,6 +145,9 @@ class Int4WeightOnlyMethod(LinearMethod):
 
     def after_checkpoint_load(self, layer):
         layer.qweight.data = ops.int4_from_file_layout(layer.qweight.data)  # plain nibble order -> in-memory
+
+    def checkpoint_tensor(self, name, tensor):
+        return ops.int4_to_file_layout(tensor) if name == "qweight" else tensor  # column 2j in the low nibble
 
     def quantize_weight(self, weight):
         q, scales, zeros = ops.quantize_int4_groupwise(weight, self.group_size, self.zero_point)
