@@ -1,4 +1,4 @@
-"""On the GPU: greedy float32 tokens of mixed-step CUDA graphs (KVFLIGHT_MIXED_GRAPH_TOKENS) against eager Triton
+"""On the GPU: greedy float32 tokens of mixed-step CUDA graphs (cuda_graph_max_num_tokens) against eager Triton
 launches and the plain-torch backend, on tiny random models (tests/tiny_models.py) with chunked prompts, a prefix
 hit and asynchronous scheduling. Exit 1 when they differ.
 
@@ -23,15 +23,15 @@ for name in ("llama_gqa", "qwen3_qknorm", "qwen2_bias"):
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40, 9, 61, 2)]
     prompts.append(prompts[2][:33] + [7, 8])
     res = {}
-    for label, backend, mixed, eager in (("torch", "torch", "0", True), ("triton-eager", "triton", "0", False),
-                                         ("mixed-graphs", "triton", "64", False)):
-        os.environ["KVFLIGHT_MIXED_GRAPH_TOKENS"] = mixed
+    for label, backend, mixed, eager in (("torch", "torch", 0, True), ("triton-eager", "triton", 0, False),
+                                         ("mixed-graphs", "triton", 48, False)):
         llm = LLM(str(path), kernel_backend=backend, dtype="float32", tokens_per_block=4, enforce_eager=eager,
+                  cuda_graph_max_num_tokens=mixed,
                   max_num_tokens=48, max_batch_size=4, kv_cache_bytes=1 << 20,
                   async_scheduling="on" if backend == "triton" else "off")
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
         res[label] = [o.outputs[0].token_ids for o in outs]
-        if mixed != "0":
+        if mixed:
             graphs = llm.engine.runner.mixed_graphs
             print(name, "mixed-step graphs:", 0 if graphs is None else len(graphs.buckets))
         del llm

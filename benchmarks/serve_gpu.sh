@@ -22,12 +22,14 @@ SHOW_SPECIAL='{"skip_special_tokens": false}'
 cli() { python3 -m kvflight.server.cli "$@"; }
 python3 -m kvflight.server.cli serve $MODEL $FLAGS --port $PORT > /tmp/serve.log 2>&1 &  # not via cli(): $! must be python
 SERVER=$!
-python3 - "$PORT" <<'PY'
-import sys, time, urllib.request
+python3 - "$PORT" "$SERVER" <<'PY' || { echo "the server did not start:"; tail -5 /tmp/serve.log; exit 1; }
+import os, sys, time, urllib.request
 for _ in range(600):
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2); break
     except Exception:
+        if not os.path.exists(f"/proc/{sys.argv[2]}"):
+            sys.exit(1)  # the server exited
         time.sleep(0.5)
 PY
 echo "== kvflight serve, 16 req/s, $N16 x 1024/128 =="

@@ -151,15 +151,37 @@ class RuntimeConfig:
         "heuristic), on, off", choices=("auto", "on", "off"))
     cuda_graph_max_batch_size: int | None = _f(
         None, "largest decode batch captured as a CUDA graph (default: max_batch_size, at most 512)")
+    cuda_graph_max_num_tokens: int | None = _f(
+        None, "largest step carrying prompt tokens (prefills, chunks, with the decodes beside them) replayed as a "
+        "CUDA graph, its tokens padded up to 16, 32 or a multiple of 64 (256 past 2048): one replay instead of a "
+        "few hundred kernel launches, which outlast the GPU's work at these sizes (default: min(max_num_tokens, "
+        "2048); 0: such steps launch kernel by kernel)")
     log_iteration_stats: bool = _f(False, "log one JSON line of scheduler / KV stats per iteration")
     async_scheduling: str = _f(
         "auto", "schedule and launch step N+1 while the GPU runs step N (its sampled tokens stay on the device): "
         "auto (on for CUDA at tensor_parallel_size 1), on, off", choices=("auto", "on", "off"))
+    late_scheduling: bool = _f(
+        True, "server, with asynchronous scheduling: schedule and launch step N+1 shortly before step N ends on "
+        "the GPU (predicted from the measured times of steps of its shape) instead of as it starts, so requests "
+        "that arrive while step N runs join step N+1 rather than N+2 (one step less time to first token)")
 
     def __post_init__(self) -> None:
         if self.cuda_graph_max_batch_size is not None and self.cuda_graph_max_batch_size < 1:
             raise ConfigError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size}: must be >= 1 "
                               "(use enforce_eager to turn CUDA graphs off)")
+        if self.cuda_graph_max_num_tokens is not None and self.cuda_graph_max_num_tokens < 0:
+            raise ConfigError(f"cuda_graph_max_num_tokens={self.cuda_graph_max_num_tokens}: must be >= 0 "
+                              "(0: steps carrying prompt tokens launch eagerly)")
+
+
+DEFAULT_CUDA_GRAPH_MAX_NUM_TOKENS = 2048  # mixed-step graphs: past this, a step's GPU work outlasts its launches
+
+
+def mixed_graph_max_tokens(cuda_graph_max_num_tokens: int | None, max_num_tokens: int) -> int:
+    """The largest padded token count captured as a mixed-step CUDA graph (0: none), from the setting."""
+    if cuda_graph_max_num_tokens is None:
+        return min(max_num_tokens, DEFAULT_CUDA_GRAPH_MAX_NUM_TOKENS)
+    return min(max_num_tokens, cuda_graph_max_num_tokens)
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,

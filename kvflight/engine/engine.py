@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from kvflight.cache.kv_manager import KVCacheManager
 from kvflight.config import ConfigError, EngineConfig
+from kvflight.engine.launch_timer import LaunchTimer
 from kvflight.model.loader import ResolvedModel, load_arch, load_tokenizer, resolve_model
 from kvflight.runner.model_runner import LaunchedStep, ModelRunner, RunnerOutput
 from kvflight.runner.tp_workers import TensorParallelError, TPWorkerGroup, check_custom_all_reduce
@@ -94,6 +95,7 @@ class Engine:
         self.iteration = 0
         self.async_scheduling = self._resolve_async_scheduling()
         self._inflight: _Inflight | None = None  # the launched step not yet completed (asynchronous scheduling)
+        self.launch_timer = LaunchTimer()  # when the next step is due (late_scheduling; read by the server loop)
         logger.info("engine ready in %.1f s: %s, %s on %s, max_seq_len=%d, max_input_len=%d, max_batch_size=%d, "
                     "max_num_tokens=%d, policy=%s", time.perf_counter() - t0, self.resolved.name,
                     str(self.runner.dtype).removeprefix("torch."), self.runner.device, self.max_seq_len,
@@ -204,16 +206,57 @@ class Engine:
         prev, self._inflight = self._inflight, None
         if prev is not None and prev.needs_sync:
             outputs = self._complete(prev.out, self.runner.resolve(prev.launched))
+            self._observe(prev)
             prev = None
+        t_schedule = time.perf_counter()
         out = self.scheduler.schedule()
+        launched = None
         if not out.is_empty:
+            t_launch = time.perf_counter()
             launched = self.runner.launch(out)
+            if launched.shape[:1] != ("eager",):  # host-bound launches are never hidden: late_scheduling skips them
+                self.launch_timer.observe_lead(time.perf_counter() - t_schedule)
             self._inflight = _Inflight(out, launched, any(r.needs_token_history for r in launched.rows))
+        gpu_start = None if launched is None else t_launch  # the new step starts once prev ends, not before
         if prev is not None:
+            prev_pending = prev.launched.ready is not None and not prev.launched.ready.query()
             outputs += self._complete(prev.out, self.runner.resolve(prev.launched))
+            if prev_pending and gpu_start is not None:
+                gpu_start = time.perf_counter()  # ~ when prev ended (resolve waited for it)
+            self._observe(prev)
+        if launched is not None and gpu_start is not None:
+            self.launch_timer.plan(launched.shape, gpu_start)
         if not out.is_empty:
             self._log_stats(t0)
         return outputs
+
+    def _observe(self, done: _Inflight) -> None:
+        seconds = done.launched.gpu_seconds()
+        if seconds is not None:
+            self.launch_timer.observe_duration(done.launched.shape, seconds)
+
+    def launch_delay_s(self) -> float:
+        """Seconds until the next step() should run (late_scheduling, asynchronous scheduling): the launched step's
+        predicted end less the host's lead; 0 when it is done, must be completed first, or nothing is launched.
+        The server's loop waits this long, taking new requests meanwhile; offline callers step at once."""
+        inflight = self._inflight
+        if not self.config.runtime.late_scheduling or inflight is None or inflight.needs_sync:
+            return 0.0
+        ready = inflight.launched.ready
+        if ready is None or ready.query():
+            return 0.0
+        delay = self.launch_timer.delay_s(time.perf_counter())
+        if delay > 0 and not self._next_step_replays_a_graph():
+            return 0.0  # an eager launch takes longer than any lead: start it now, under the running step
+        return delay
+
+    def _next_step_replays_a_graph(self) -> bool:
+        """Whether the next step would likely replay a CUDA graph (decode or mixed-step) rather than launch eagerly."""
+        runner, sched = self.runner, self.scheduler
+        tokens = sched.next_step_tokens_bound()
+        if sched.num_waiting == 0:
+            return runner.graphs is not None and runner.graphs.padded_size(tokens) is not None
+        return runner.mixed_graphs is not None and runner.mixed_graphs.padded_tokens(tokens) is not None
 
     def _complete(self, out: SchedulerOutput, result: RunnerOutput) -> list[StepOutput]:
         """Apply a step's sampled tokens to the scheduler; the StepOutputs of the requests that got one."""

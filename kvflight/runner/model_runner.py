@@ -65,13 +65,23 @@ class LaunchedStep:
     """A step whose forward and sampling are queued on the device; resolve() waits for its tokens.
 
     rows: the requests that sample, in order (row i of the sampled tensors). The host copies land in pinned
-    memory; `ready` is recorded after them (None on the CPU, where everything already ran).
+    memory; `ready` is recorded after them, `started` before the step's first copy (both timing events; None on
+    the CPU, where everything already ran). shape: what the step's device time depends on most (decode graph
+    size, mixed-step graph tokens, or an eager step's tokens rounded up to 64), for the launch timer.
     """
 
     rows: list
     token_ids_host: torch.Tensor | None = None  # [rows] int64 (pinned on CUDA)
     logprobs_host: torch.Tensor | None = None  # [rows, 3 + 2 * k_max] float64, see logprobs_table
     ready: torch.cuda.Event | None = None
+    started: torch.cuda.Event | None = None
+    shape: tuple = ()
+
+    def gpu_seconds(self) -> float | None:
+        """The step's device time (first copy to last), once it has completed; None before, or on the CPU."""
+        if self.started is None or self.ready is None or not self.ready.query():
+            return None
+        return self.started.elapsed_time(self.ready) / 1e3
 
 
 class ModelRunner:
@@ -116,12 +126,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if graph_max:
             self.graphs = DecodeGraphs(capture_sizes(graph_max), self.device, self._graph_split_options)
-        # steps carrying prompt tokens replay a graph per padded token count up to KVFLIGHT_MIXED_GRAPH_TOKENS
-        # (experimental; 0 = eager launches)
+        # steps carrying prompt tokens replay a graph per padded token count up to cuda_graph_max_num_tokens (the
+        # default shrinks to what the KV cache leaves: set by plan_kv_cache)
         self.mixed_graphs: MixedGraphs | None = None
-        mixed_max = min(int(os.environ.get("KVFLIGHT_MIXED_GRAPH_TOKENS", "0")), sched.max_num_tokens)
-        if graph_max and mixed_max > 0:
-            self.mixed_graphs = MixedGraphs(mixed_token_buckets(mixed_max), self.device)
         self.buffers = InputBuffers(max(sched.max_num_tokens, graph_max), sched.max_batch_size,
                                     math.ceil(max_seq_len / self.tokens_per_block), self.tokens_per_block,
                                     self.device)
@@ -191,8 +198,12 @@ class ModelRunner:
                                  model_name=self.model_name)
         if report.verdict in (KV_TOO_SMALL, NO_MEMORY_LEFT):
             raise ConfigError(report.refusal_message())
-        if report.verdict == GRAPHS_DO_NOT_FIT:  # an estimate: warn, capture what fits
+        if report.verdict == GRAPHS_DO_NOT_FIT:  # an estimate: warn
             logger.warning(report.refusal_message())
+        if self.graphs is not None and report.cuda_graph_max_num_tokens > 0:
+            self.mixed_graphs = MixedGraphs(mixed_token_buckets(report.cuda_graph_max_num_tokens), self.device)
+        elif self.graphs is not None and self.config.runtime.cuda_graph_max_num_tokens is None:
+            logger.info("no mixed-step CUDA graphs: what the KV cache leaves holds only the decode graphs")
         num_blocks = report.num_blocks * report.kv_bytes_per_block // per_block
         return MemoryPlan(total, self.weights_bytes, activation_peak, num_blocks * per_block, per_block,
                           num_blocks, self.tokens_per_block, str(self.kv_dtype).replace("torch.", ""))
@@ -356,6 +367,10 @@ class ModelRunner:
         A scheduled token not yet in its request's all_token_ids (request.num_pending_tokens) is the previous
         launch's sample at row request.pending_row: it is scattered into the inputs on the device.
         """
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         # host-tier copies first (offloads, then loads), on the stream the forward runs on
         if out.kv_offloads or out.kv_loads:
             self.kv_offloader.apply(out.kv_offloads, out.kv_loads)
@@ -375,26 +390,29 @@ class ModelRunner:
         rows = [s.request for s in sched if s.do_sample]
         if graph_size is not None:
             want_split = self._num_splits(graph_size, 1, int(inputs.seq_lens_host.max())) > 1
+            shape: tuple = ("decode", graph_size, want_split)
             logits = self.graphs.replay(graph_size, want_split)  # [graph_size, vocab] float32: row i = sequence i
             if not rows:
-                return self._launched_without_samples()
+                return self._launched_without_samples(started, shape)
             logits = logits[:num_seqs] if len(rows) == num_seqs else logits.index_select(0, inputs.logits_indices)
         elif mixed_size is not None:
             assert self.mixed_graphs is not None
+            shape = ("mixed", mixed_size)
             hidden = self.mixed_graphs.replay(mixed_size)  # [mixed_size, hidden]
             if not rows:
-                return self._launched_without_samples()
+                return self._launched_without_samples(started, shape)
             logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # [samples, vocab]
         else:
             max_query_len = max(num_new)
             meta = self._metadata(inputs, max_query_len, self._num_splits(num_seqs, max_query_len,
                                                                           int(inputs.seq_lens_host.max())))
+            shape = ("eager", -(-out.num_scheduled_tokens // 64) * 64)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)  # [T, hidden]
             if not rows:
-                return self._launched_without_samples()
+                return self._launched_without_samples(started, shape)
             logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))  # [samples, vocab]
         if self.skip_sampling:
-            return self._launched_without_samples()
+            return self._launched_without_samples(started, shape)
         sampled = self.sampler(logits, rows)
         self._last_sampled = sampled.token_ids  # [rows] int64: the next launch's pending tokens
         for i, r in enumerate(rows):  # sampled on the device; the next launch may read it before update() appends it
@@ -413,13 +431,17 @@ class ModelRunner:
         if table is not None:
             table_host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
             table_host.copy_(table, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-        return LaunchedStep(rows, host, table_host, ready)
+        return LaunchedStep(rows, host, table_host, ready, started, shape)
 
-    def _launched_without_samples(self) -> LaunchedStep:
+    def _launched_without_samples(self, started: torch.cuda.Event | None, shape: tuple) -> LaunchedStep:
         self._last_sampled = None
-        return LaunchedStep([])
+        ready = None
+        if started is not None:
+            ready = torch.cuda.Event(enable_timing=True)
+            ready.record()
+        return LaunchedStep([], ready=ready, started=started, shape=shape)
 
     def _input_token_ids(self, sched: list) -> tuple[list[list[int]], tuple[list[int], list[int], torch.Tensor] |
                                                       None]:

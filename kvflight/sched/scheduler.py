@@ -61,6 +61,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def next_step_tokens_bound(self) -> int:
+        """About how many tokens the next step would carry (capped at max_num_tokens): one per running request
+        plus the waiting requests' uncomputed tokens (cheap: the waiting queue is short while a server keeps up)."""
+        waiting = sum(r.num_tokens - r.num_computed_tokens for r in self._waiting)
+        return min(self.config.max_num_tokens, len(self._running) + waiting)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running)
 

@@ -201,9 +201,13 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
     pending: dict[str, Request] = {}  # engine id -> request not scheduled yet (for queue time)
     last_stats_s = 0.0
     last_parent_check_s = time.monotonic()
+    waits = 0  # loop turns spent waiting for a late-scheduled launch
     while True:
         busy = engine.has_unfinished_requests()
-        events = dict(poller.poll(0 if busy else IDLE_POLL_MS))
+        # busy: poll without blocking, or, when the launched step is not due to be followed yet (late scheduling),
+        # block until it is, taking requests that arrive meanwhile into the next step (zmq wakes on a message)
+        wait_ms = int(engine.launch_delay_s() * 1e3) if busy else IDLE_POLL_MS
+        events = dict(poller.poll(wait_ms))
         rejected: dict[str, str] = {}
         if events.get(pull):
             while True:
@@ -226,7 +230,9 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
                 elif isinstance(msg, StatsQuery):
                     send(StatsReply(msg.query_id, engine_stats(engine)))
                 elif isinstance(msg, Shutdown):
-                    logger.info("engine core shutting down")
+                    timer = getattr(engine, "launch_timer", None)
+                    logger.info("engine core shutting down%s (%d waits)",
+                                f"; {timer.summary()}" if timer is not None else "", waits)
                     return
         now = time.monotonic()
         if now - last_parent_check_s > PARENT_CHECK_INTERVAL_S:
@@ -234,6 +240,9 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
             if os.getppid() != parent_pid:
                 logger.error("the API process is gone; the engine core exits")
                 return
+        if busy and not rejected and engine.launch_delay_s() > 0:
+            waits += 1
+            continue  # still early: wait on (sub-millisecond remainders spin)
         outputs: list[StepOutput] = []
         if engine.has_unfinished_requests():
             outputs = engine.step()

@@ -30,7 +30,13 @@ D = head_dim, L = layers, tp = tensor_parallel_size, ``act`` = bytes per element
   first, so the pool holds the largest graph's intermediates (its forward and its logits in the compute dtype),
   the one float32 logits buffer all graphs write into, and ~16 MiB of workspaces:
   ``forward(T = G) + G * V * (act + 4) + 16 MiB`` (H100, Llama-3.1-8B shape: 0.22 GiB measured for G = 256,
-  0.11 GiB for 128, 0.03 GiB for 16).
+  0.11 GiB for 128, 0.03 GiB for 16). Steps carrying prompt tokens replay graphs of up to
+  ``M = min(max_num_tokens, cuda_graph_max_num_tokens or 2048)`` padded tokens, captured after the decode graphs
+  into the same pool; they reuse few of its freed blocks (other sizes), so they add ``1.25 * forward(M)`` (the
+  allocator's rounding of the larger intermediates, measured) and their one hidden-states buffer ``M * H * act``
+  (H100, Llama-3.1-8B shape, M = 2048: 0.30 GiB measured, 0.30 estimated; the decode graphs of G = 256 0.21).
+  Unless cuda_graph_max_num_tokens is set, M shrinks in steps of 64 tokens, down to none, until the pool fits in
+  what the KV cache leaves.
   The runner captures them after the KV cache, in what ``kv_cache_free_gpu_memory_fraction`` leaves over.
 * KV cache: ``kv_bytes_per_token = 2 * L * kv_heads_per_gpu * D * kv_bytes`` (kv_bytes: the compute dtype's for
   ``auto``, 1 for fp8 / int8); a block holds ``tokens_per_block`` tokens. The runner's budget:
@@ -57,7 +63,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
-from kvflight.config import ConfigError, EngineConfig, add_cli_args, flat_from_args, load_yaml, parse_size
+from kvflight.config import (ConfigError, EngineConfig, add_cli_args, flat_from_args, load_yaml,
+                             mixed_graph_max_tokens, parse_size)
 from kvflight.model.arch import ModelArch
 from kvflight.quant.schemes import QUANT_SCHEMES, QuantConfig, lm_head_int8
 
@@ -69,6 +76,7 @@ DEFAULT_CUDA_GRAPH_MAX_BATCH_SIZE = 512  # the runner captures decode graphs up 
 DEFAULT_ALPHA = 0.1  # the guide: context share of a step's tokens, 0.05 .. 0.20
 SAMPLER_BYTES_PER_LOGIT = 42  # float32 logits, softmax, sorted values, int64 indices + the sort's buffers (H100)
 GRAPH_WORKSPACE_BYTES = 16 * MIB  # fixed part of the CUDA graph pool (workspaces, rounding), measured (H100)
+MIXED_GRAPH_ROUNDING_NUM, MIXED_GRAPH_ROUNDING_DEN = 5, 4  # mixed-step graphs' pool: 1.25 x their forward (H100)
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "fp8", "int8")  # auto = the compute dtype
 KV_QUANT_BYTES: dict[str, int] = {"fp8": 1, "int8": 1}
@@ -143,6 +151,7 @@ class PlanInputs:
     batch_scheduler_policy: str = "max_utilization"
     enforce_eager: bool = False
     cuda_graph_max_batch_size: int | None = None
+    cuda_graph_max_num_tokens: int | None = None  # mixed-step graphs (None: the runner's default, 0: none)
     kernel_backend: str = "auto"  # CUDA graphs are captured with the triton kernels only (auto on a GPU)
     quantization: str = "auto"  # weight scheme of the linear layers (auto / none: the compute dtype)
     # on, or auto with 4-bit weights named by `quantization`: an int8 LM head (auto with quantization "auto" counts
@@ -185,6 +194,7 @@ class PlanInputs:
                    enable_chunked_context=s.enable_chunked_context, batch_scheduler_policy=s.batch_scheduler_policy,
                    enforce_eager=r.enforce_eager,
                    cuda_graph_max_batch_size=getattr(r, "cuda_graph_max_batch_size", None),
+                   cuda_graph_max_num_tokens=getattr(r, "cuda_graph_max_num_tokens", None),
                    kernel_backend=getattr(r, "kernel_backend", "auto"),
                    quantization=getattr(cfg.model, "quantization", "auto"),
                    quantize_lm_head=getattr(cfg.model, "quantize_lm_head", "auto"))
@@ -333,6 +343,7 @@ class _Budget:
     profile_num_rows: int
     cuda_graph_bytes: int
     cuda_graph_max_batch_size: int
+    cuda_graph_max_num_tokens: int  # the largest mixed-step graph (0: none)
     non_torch_bytes: int
     usable_bytes: int  # memory - non_torch - weights - activations (GPU); the budget itself on CPU
     kv_budget_bytes: int
@@ -383,7 +394,9 @@ def _budget(arch: ModelArch, inputs: PlanInputs, max_seq_len: int, gpu_memory_by
     graph_max = 0
     if on_gpu and not inputs.enforce_eager and inputs.kernel_backend != "torch":
         graph_max = min(inputs.max_batch_size, inputs.cuda_graph_max_batch_size or DEFAULT_CUDA_GRAPH_MAX_BATCH_SIZE)
-    graphs = _graph_pool_bytes(arch, shard, graph_max, act)
+    mixed_max = mixed_graph_max_tokens(inputs.cuda_graph_max_num_tokens, inputs.max_num_tokens) if graph_max else 0
+    graphs = _graph_pool_bytes(arch, shard, graph_max, mixed_max, act)
+    base_graphs = graphs
     if measured != MeasuredMemory():
         base_b = _budget(arch, base, max_seq_len, gpu_memory_bytes, MeasuredMemory(), base)
         weights = _scaled(measured.weights_bytes, weights, base_b.weights_bytes)
@@ -391,6 +404,7 @@ def _budget(arch: ModelArch, inputs: PlanInputs, max_seq_len: int, gpu_memory_by
         graphs = _scaled(measured.cuda_graph_bytes, graphs, base_b.cuda_graph_bytes)
     else:
         scaled_act = max(fwd, logits)
+    scale_graphs = graphs / base_graphs if base_graphs else 1.0
     per_token = kv_bytes_per_token(arch, shard, _kv_dtype_bytes(inputs, act))
     per_block = per_token * inputs.tokens_per_block
     non_torch = 0
@@ -410,15 +424,25 @@ def _budget(arch: ModelArch, inputs: PlanInputs, max_seq_len: int, gpu_memory_by
     if inputs.max_tokens_in_paged_kv_cache is not None:
         num_blocks = min(num_blocks, inputs.max_tokens_in_paged_kv_cache // inputs.tokens_per_block)
     leftover = usable - num_blocks * per_block if on_gpu else 0  # what CUDA graphs are captured in
-    return _Budget(weights, scaled_act, fwd, logits, t, rows, graphs, graph_max, non_torch, usable, budget,
+    if inputs.cuda_graph_max_num_tokens is None and graphs > leftover:
+        # the default mixed-step size shrinks (in steps of 64 tokens, to none) to what the KV cache leaves
+        while mixed_max > 0 and graphs > leftover:
+            mixed_max = max(0, (mixed_max - 1) // 64 * 64)
+            graphs = int(_graph_pool_bytes(arch, shard, graph_max, mixed_max, act) * scale_graphs)
+    return _Budget(weights, scaled_act, fwd, logits, t, rows, graphs, graph_max, mixed_max, non_torch, usable, budget,
                    cap_reason, per_token, per_block, num_blocks, leftover)
 
 
-def _graph_pool_bytes(arch: ModelArch, shard: ShardShape, graph_max: int, act_bytes: int) -> int:
+def _graph_pool_bytes(arch: ModelArch, shard: ShardShape, graph_max: int, mixed_max: int, act_bytes: int) -> int:
+    """Decode graphs up to graph_max rows, then mixed-step graphs up to mixed_max tokens (module docstring)."""
     if graph_max <= 0:
         return 0
     logits = graph_max * arch.vocab_size * (act_bytes + 4)  # in the graph + the shared float32 output buffer
-    return forward_peak_bytes(shard, graph_max, act_bytes) + logits + GRAPH_WORKSPACE_BYTES
+    decode = forward_peak_bytes(shard, graph_max, act_bytes) + logits + GRAPH_WORKSPACE_BYTES
+    if mixed_max <= 0:
+        return decode
+    mixed = forward_peak_bytes(shard, mixed_max, act_bytes) * MIXED_GRAPH_ROUNDING_NUM // MIXED_GRAPH_ROUNDING_DEN
+    return decode + mixed + mixed_max * shard.hidden_size * act_bytes
 
 
 def _cpu_budget(inputs: PlanInputs, per_block: int) -> tuple[int, str]:
@@ -484,6 +508,7 @@ class MemoryPlanReport:
     profile_num_rows: int
     cuda_graph_bytes: int
     cuda_graph_max_batch_size: int
+    cuda_graph_max_num_tokens: int  # the largest mixed-step graph (0: none)
     non_torch_bytes: int
     usable_bytes: int
     kv_budget_bytes: int
@@ -565,7 +590,8 @@ class MemoryPlanReport:
                     f"max_seq_len={self.max_seq_len} needs {self.blocks_per_max_seq_len} blocks "
                     f"({fmt_bytes(per_seq)})")
         elif self.verdict == GRAPHS_DO_NOT_FIT:
-            head = (f"the CUDA graphs of decode batches up to {self.cuda_graph_max_batch_size} need "
+            mixed = f" and steps up to {self.cuda_graph_max_num_tokens} tokens" if self.cuda_graph_max_num_tokens else ""
+            head = (f"the CUDA graphs of decode batches up to {self.cuda_graph_max_batch_size}{mixed} need "
                     f"{fmt_bytes(self.cuda_graph_bytes)} but the KV cache leaves {fmt_bytes(self.leftover_bytes)}: "
                     f"short by {fmt_bytes(self.shortfall_bytes)}")
         else:
@@ -610,7 +636,7 @@ class MemoryPlanReport:
                                "batch_scheduler_policy": i.batch_scheduler_policy,
                                "enable_chunked_context": i.enable_chunked_context}
         for key in ("max_input_len", "gpu_memory_utilization", "kv_cache_bytes", "max_tokens_in_paged_kv_cache",
-                    "cuda_graph_max_batch_size"):  # only when set: None would override nothing
+                    "cuda_graph_max_batch_size", "cuda_graph_max_num_tokens"):  # only when set: None would override nothing
             if getattr(i, key) is not None:
                 out[key] = getattr(i, key)
         if i.enforce_eager:
@@ -891,9 +917,18 @@ def _graph_fixes(rp: _Replanner) -> list[PlanFix]:
     r, i = rp.report, rp.report.inputs
     fixes: list[PlanFix] = []
     size = _largest_true(lambda n: rp.ok(i.replace(cuda_graph_max_batch_size=n)), 1,
-                         max(1, r.cuda_graph_max_batch_size - 1))
+                         max(1, r.cuda_graph_max_batch_size - 1))  # (the default mixed-step size shrinks)
     if size:
         fixes.append(PlanFix("cuda_graph_max_batch_size", size, f"lower cuda_graph_max_batch_size to {size}"))
+    if r.cuda_graph_max_num_tokens > 1:
+        tokens = _largest_true(lambda n: rp.ok(i.replace(cuda_graph_max_num_tokens=n)), 1,
+                               r.cuda_graph_max_num_tokens - 1)
+        if tokens:
+            fixes.append(PlanFix("cuda_graph_max_num_tokens", tokens, f"lower cuda_graph_max_num_tokens to {tokens}"))
+    if r.cuda_graph_max_num_tokens and rp.ok(i.replace(cuda_graph_max_num_tokens=0)) and \
+            not any(f.field == "cuda_graph_max_num_tokens" for f in fixes):
+        fixes.append(PlanFix("cuda_graph_max_num_tokens", 0, "set cuda_graph_max_num_tokens 0 (steps carrying "
+                             "prompt tokens launch kernel by kernel)"))
     if i.gpu_memory_utilization is None:
         for hundredths in range(int(round(i.kv_cache_free_gpu_memory_fraction * 100)) - 1, 0, -1):
             if rp.ok(i.replace(kv_cache_free_gpu_memory_fraction=hundredths / 100)):
@@ -938,7 +973,9 @@ def format_table(r: MemoryPlanReport) -> str:
          f"max(forward {fmt_bytes(r.forward_peak_bytes)}, logits+sampler {fmt_bytes(r.logits_peak_bytes)}) for "
          f"{r.profile_num_tokens} tokens, {r.profile_num_rows} rows"),
         ("CUDA graph pool", fmt_bytes(r.cuda_graph_bytes),
-         f"decode batches <= {r.cuda_graph_max_batch_size}" if r.cuda_graph_max_batch_size else "none"),
+         (f"decode batches <= {r.cuda_graph_max_batch_size}" + (f", steps with prompt tokens <= "
+          f"{r.cuda_graph_max_num_tokens} tokens" if r.cuda_graph_max_num_tokens else ""))
+         if r.cuda_graph_max_batch_size else "none"),
     ]
     if r.gpu_memory_bytes is not None:
         rows.append(("driver + CUDA context", fmt_bytes(r.non_torch_bytes),

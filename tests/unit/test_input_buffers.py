@@ -72,8 +72,13 @@ def test_mixed_graph_padding() -> None:
 
 
 def test_mixed_token_buckets() -> None:
-    assert mixed_token_buckets(300) == [16, 32, 64, 128, 256, 300]
-    assert mixed_token_buckets(512) == [16, 32, 64, 128, 256, 384, 512]
+    assert mixed_token_buckets(300) == [16, 32, 64, 128, 192, 256, 300]
+    assert mixed_token_buckets(48) == [16, 32, 48]
+    full = mixed_token_buckets(8192)
+    assert full[:4] == [16, 32, 64, 128] and full[-1] == 8192
+    assert all(b - a == 64 for a, b in zip(full[2:], full[3:]) if b <= 2048)
+    assert all(b - a == 256 for a, b in zip(full, full[1:]) if a >= 2048)
+    assert len(full) == 2 + 32 + 24
 
 
 def test_stale_rows_from_a_longer_step_do_not_leak_into_slots() -> None:

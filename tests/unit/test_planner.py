@@ -49,8 +49,14 @@ def test_llama31_8b_on_h100_by_hand():
     assert r.forward_peak_bytes == 8192 * 2 * (4 * 4096 + 3 * 14336) == 928 * MiB
     logits = 8192 * 4096 * 2 + 256 * 128256 * LOGIT
     assert r.logits_peak_bytes == logits == r.activation_bytes
-    # CUDA graphs: decode batch 256's forward, its bf16 logits, the shared float32 logits buffer, 16 MiB
-    assert r.cuda_graph_bytes == 256 * 2 * 59392 + 256 * 128256 * (2 + 4) + 16 * MiB
+    # CUDA graphs: decode batch 256's forward, its bf16 logits, the shared float32 logits buffer, 16 MiB; then the
+    # 2048-token mixed-step graphs: 1.25 x their forward and their hidden-states buffer
+    assert r.cuda_graph_max_batch_size == 256 and r.cuda_graph_max_num_tokens == 2048
+    decode_graphs = 256 * 2 * 59392 + 256 * 128256 * (2 + 4) + 16 * MiB
+    assert r.cuda_graph_bytes == decode_graphs + 2048 * 2 * 59392 * 5 // 4 + 2048 * 4096 * 2
+    no_mixed = plan_memory(arch("llama-3.1-8b"), {"max_seq_len": 8192, "cuda_graph_max_num_tokens": 0}, H100)
+    assert no_mixed.cuda_graph_max_num_tokens == 0 and no_mixed.cuda_graph_bytes == decode_graphs
+    assert no_mixed.num_blocks == r.num_blocks  # graphs come out of what the KV cache leaves
     usable = H100 - CONTEXT - weights - logits
     assert r.usable_bytes == usable
     assert r.num_blocks == int(0.9 * usable) // (4 * MiB) == 14349  # the engine on an H100 allocated 14317
@@ -153,7 +159,8 @@ def test_refusal_message_names_the_shortfall_and_the_fixes():
 def test_cuda_graphs_that_do_not_fit_in_the_rest():
     a = arch("llama-3.1-8b")
     a10g = gpu_memory_bytes_of("A10G")
-    settings = {"max_seq_len": 8192, "kv_cache_free_gpu_memory_fraction": 0.99}  # ~60 MiB left for the graphs
+    settings = {"max_seq_len": 8192, "kv_cache_free_gpu_memory_fraction": 0.99,  # ~60 MiB left for the graphs
+                "cuda_graph_max_num_tokens": 0}
     r = plan_memory(a, settings, a10g)
     assert r.verdict == GRAPHS_DO_NOT_FIT and r.cuda_graph_bytes > r.leftover_bytes
     assert r.shortfall_bytes == r.cuda_graph_bytes - r.leftover_bytes
@@ -167,6 +174,29 @@ def test_cuda_graphs_that_do_not_fit_in_the_rest():
     assert not plan_memory(a, {**settings, "cuda_graph_max_batch_size": size + 1}, a10g).fits
     assert plan_memory(a, {**settings, "kv_cache_free_gpu_memory_fraction": fraction}, a10g).fits
     assert plan_memory(a, {"max_seq_len": 8192}, a10g).fits  # the default 0.9 leaves room
+
+
+def test_mixed_step_graphs_that_do_not_fit_name_their_own_fix():
+    a = arch("llama-3.1-8b")
+    a10g = gpu_memory_bytes_of("A10G")
+    # a fraction that leaves room for the decode graphs but not for the 2048-token mixed-step graphs
+    fraction = next(f / 1000 for f in range(990, 900, -1)
+                    if plan_memory(a, {"max_seq_len": 8192, "cuda_graph_max_num_tokens": 0,
+                                       "kv_cache_free_gpu_memory_fraction": f / 1000}, a10g).fits)
+    settings = {"max_seq_len": 8192, "kv_cache_free_gpu_memory_fraction": fraction, "cuda_graph_max_num_tokens": 2048}
+    r = plan_memory(a, settings, a10g)
+    assert r.verdict == GRAPHS_DO_NOT_FIT and r.cuda_graph_max_num_tokens == 2048
+    assert "and steps up to 2048 tokens" in r.refusal_message()
+    fixes = {f.field: f.value for f in r.fixes}
+    tokens = fixes["cuda_graph_max_num_tokens"]
+    assert 0 < tokens < 2048
+    assert plan_memory(a, {**settings, "cuda_graph_max_num_tokens": tokens}, a10g).fits
+    assert not plan_memory(a, {**settings, "cuda_graph_max_num_tokens": tokens + 1}, a10g).fits
+    # left unset, the mixed-step size shrinks (in steps of 64 tokens) to what fits
+    auto = plan_memory(a, {"max_seq_len": 8192, "kv_cache_free_gpu_memory_fraction": fraction}, a10g)
+    assert auto.fits and auto.cuda_graph_max_num_tokens == tokens // 64 * 64
+    roomy = plan_memory(a, {"max_seq_len": 8192}, a10g)  # the default fraction 0.9 leaves 10 %
+    assert roomy.fits and 0 < roomy.cuda_graph_max_num_tokens <= 2048
 
 
 def test_caps_cpu_budget_and_measured_figures():

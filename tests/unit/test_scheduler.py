@@ -513,3 +513,21 @@ def test_random_traces_with_a_host_tier_keep_every_invariant(sc: dict) -> None:
             simulate(sc)
     else:
         simulate(sc)
+
+
+def test_next_step_tokens_bound_counts_running_decodes_and_waiting_prompts() -> None:
+    """The late-scheduling check's estimate: one token per running request plus the waiting prompts, capped."""
+    sched = make_scheduler(64, max_batch_size=8, max_num_tokens=24)
+    assert sched.next_step_tokens_bound() == 0
+    sched.add_request(make_request("a", list(range(1, 11)), max_tokens=8))
+    sched.add_request(make_request("b", list(range(1, 7)), max_tokens=8))
+    assert sched.next_step_tokens_bound() == 16
+    out, _ = step(sched, 5)
+    assert out.num_scheduled_tokens == 16
+    assert sched.next_step_tokens_bound() == 2  # two decodes
+    sched.add_request(make_request("c", list(range(20, 40)), max_tokens=8))
+    assert sched.next_step_tokens_bound() == 22
+    out, _ = step(sched, 5)
+    assert out.num_scheduled_tokens == 22
+    sched.add_request(make_request("d", list(range(40, 62)), max_tokens=8))  # 3 decodes + 22 > 24
+    assert sched.next_step_tokens_bound() == 24  # capped at max_num_tokens
