@@ -211,20 +211,19 @@ class Engine:
         t_schedule = time.perf_counter()
         out = self.scheduler.schedule()
         launched = None
+        gpu_start = time.perf_counter()  # the new step starts on the device no earlier than its launch
         if not out.is_empty:
-            t_launch = time.perf_counter()
             launched = self.runner.launch(out)
             if launched.shape[:1] != ("eager",):  # host-bound launches are never hidden: late_scheduling skips them
                 self.launch_timer.observe_lead(time.perf_counter() - t_schedule)
             self._inflight = _Inflight(out, launched, any(r.needs_token_history for r in launched.rows))
-        gpu_start = None if launched is None else t_launch  # the new step starts once prev ends, not before
         if prev is not None:
             prev_pending = prev.launched.ready is not None and not prev.launched.ready.query()
             outputs += self._complete(prev.out, self.runner.resolve(prev.launched))
-            if prev_pending and gpu_start is not None:
-                gpu_start = time.perf_counter()  # ~ when prev ended (resolve waited for it)
+            if prev_pending:
+                gpu_start = time.perf_counter()  # ~ when prev ended (resolve waited for it), so the new step began
             self._observe(prev)
-        if launched is not None and gpu_start is not None:
+        if launched is not None:
             self.launch_timer.plan(launched.shape, gpu_start)
         if not out.is_empty:
             self._log_stats(t0)
@@ -252,11 +251,9 @@ class Engine:
 
     def _next_step_replays_a_graph(self) -> bool:
         """Whether the next step would likely replay a CUDA graph (decode or mixed-step) rather than launch eagerly."""
-        runner, sched = self.runner, self.scheduler
-        tokens = sched.next_step_tokens_bound()
-        if sched.num_waiting == 0:
-            return runner.graphs is not None and runner.graphs.padded_size(tokens) is not None
-        return runner.mixed_graphs is not None and runner.mixed_graphs.padded_tokens(tokens) is not None
+        sched = self.scheduler
+        num_seqs = sched.num_running + sched.num_waiting
+        return any(size is not None for size in self.runner.graph_for(sched.next_step_tokens_bound(), num_seqs))
 
     def _complete(self, out: SchedulerOutput, result: RunnerOutput) -> list[StepOutput]:
         """Apply a step's sampled tokens to the scheduler; the StepOutputs of the requests that got one."""

@@ -64,7 +64,8 @@ class LaunchTimer:
     def summary(self) -> str:
         mean_ms = 1e3 * self.planned_offset_s / max(1, self.num_planned)
         return (f"late scheduling: {self.num_planned} steps followed by a timed launch (mean {mean_ms:.2f} ms after "
-                f"the step's start), {self.num_unplanned} at once (shape not timed yet); lead {1e3 * self.lead_s:.2f} ms")
+                f"the step's start), {self.num_unplanned} at once (shape not timed yet); "
+                f"lead {1e3 * self.lead_s:.2f} ms")
 
     def delay_s(self, now_s: float) -> float:
         """Seconds to wait before scheduling the next step (0: now)."""

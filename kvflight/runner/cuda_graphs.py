@@ -11,6 +11,7 @@ picks which one replays.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from typing import Callable
@@ -29,6 +30,12 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[device]
+
+
+def smallest_at_least(sizes: list[int], n: int) -> int | None:
+    """The smallest of the sorted captured sizes that is >= n (the graph a step of n pads up to), or None."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -59,10 +66,7 @@ class DecodeGraphs:
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The captured size a batch of num_seqs decode sequences replays, or None when it is too large."""
-        for size in self.sizes:
-            if size >= num_seqs:
-                return size
-        return None
+        return smallest_at_least(self.sizes, num_seqs)
 
     def capture(self, prepare: Callable[[int], None], run_forward: Callable[[int, int], torch.Tensor]) -> None:
         """prepare(size) fills the persistent inputs with `size` valid decode rows (outside the graph: the copies
@@ -132,10 +136,8 @@ class MixedGraphs:
         self.capture_seconds = 0.0
 
     def padded_tokens(self, num_tokens: int) -> int | None:
-        for size in self.buckets:
-            if size >= num_tokens:
-                return size
-        return None
+        """The bucket a step of num_tokens tokens pads up to, or None when it is too large."""
+        return smallest_at_least(self.buckets, num_tokens)
 
     def capture(self, prepare: Callable[[int], None], run_forward: Callable[[int], torch.Tensor],
                 pool=None) -> None:

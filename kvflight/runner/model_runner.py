@@ -356,6 +356,13 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------------------
 
+    def graph_for(self, num_tokens: int, num_seqs: int) -> tuple[int | None, int | None]:
+        """(decode graph size, mixed-step graph tokens) a step of num_tokens tokens over num_seqs sequences
+        replays: at most one is not None; both None means an eager launch."""
+        if num_tokens == num_seqs:  # decode only
+            return (self.graphs.padded_size(num_seqs) if self.graphs is not None else None), None
+        return None, (self.mixed_graphs.padded_tokens(num_tokens) if self.mixed_graphs is not None else None)
+
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one step and wait for its tokens (launch + resolve)."""
         return self.resolve(self.launch(out))
@@ -377,11 +384,7 @@ class ModelRunner:
         sched = out.scheduled
         num_seqs = len(sched)
         num_new = [s.num_new_tokens for s in sched]
-        decode_only = out.num_scheduled_tokens == num_seqs
-        graph_size = self.graphs.padded_size(num_seqs) if decode_only and self.graphs is not None else None
-        mixed_size = None
-        if not decode_only and self.mixed_graphs is not None:
-            mixed_size = self.mixed_graphs.padded_tokens(out.num_scheduled_tokens)
+        graph_size, mixed_size = self.graph_for(out.num_scheduled_tokens, num_seqs)
         token_ids, pending = self._input_token_ids(sched)
         inputs = self.buffers.prepare([s.start_pos for s in sched], num_new, [s.block_ids for s in sched],
                                       [s.do_sample for s in sched], token_ids,

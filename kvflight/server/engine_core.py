@@ -202,11 +202,12 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
     last_stats_s = 0.0
     last_parent_check_s = time.monotonic()
     waits = 0  # loop turns spent waiting for a late-scheduled launch
+    delay_s = 0.0  # late scheduling: how long the launched step is not due to be followed yet (end of last turn)
     while True:
         busy = engine.has_unfinished_requests()
-        # busy: poll without blocking, or, when the launched step is not due to be followed yet (late scheduling),
-        # block until it is, taking requests that arrive meanwhile into the next step (zmq wakes on a message)
-        wait_ms = int(engine.launch_delay_s() * 1e3) if busy else IDLE_POLL_MS
+        # busy: poll without blocking, or, while the next step is not due (late scheduling), block until it is,
+        # taking requests that arrive meanwhile into the next step (zmq wakes on a message)
+        wait_ms = int(delay_s * 1e3) if busy else IDLE_POLL_MS
         events = dict(poller.poll(wait_ms))
         rejected: dict[str, str] = {}
         if events.get(pull):
@@ -240,7 +241,8 @@ def _loop(engine: Any, pull: Any, send: Any, parent_pid: int) -> None:
             if os.getppid() != parent_pid:
                 logger.error("the API process is gone; the engine core exits")
                 return
-        if busy and not rejected and engine.launch_delay_s() > 0:
+        delay_s = engine.launch_delay_s() if busy and not rejected else 0.0
+        if delay_s > 0:
             waits += 1
             continue  # still early: wait on (sub-millisecond remainders spin)
         outputs: list[StepOutput] = []
